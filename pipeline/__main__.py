@@ -1,0 +1,3 @@
+from pipeline.runner import main
+
+main()

@@ -1,0 +1,50 @@
+"""The adapt stage: freeze the source backbone and put the new head on it."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from pipeline.errors import DataError
+from pipeline.types import AdaptedModel, SourceModel, Task
+
+
+class Head(Protocol):
+    def build(self, feature_shape: tuple[int, ...], num_classes: int, task: Task) -> Any: ...
+
+
+class Freeze(Protocol):
+    def apply(self, backbone: Any) -> None: ...
+
+
+def adapt(
+    source: SourceModel,
+    head: Head,
+    freeze: Freeze,
+    class_names: tuple[str, ...],
+    input_shape: tuple[int, ...],
+    task: Task,
+) -> AdaptedModel:
+    """Build `head(backbone(images))` for the target task.
+
+    Args:
+        input_shape: the shape of the data's images; must be what the source takes.
+    """
+    import keras
+
+    if tuple(input_shape) != tuple(source.input_shape):
+        raise DataError(
+            f"the data's images have shape {tuple(input_shape)} but the source "
+            f"({source.description}) takes {tuple(source.input_shape)}: set "
+            "source.input_shape to the data's shape or resize the data to the source's."
+        )
+    freeze.apply(source.backbone)
+    head_model = head.build(source.feature_shape, len(class_names), task)
+    images = keras.Input(shape=source.input_shape, name="images")
+    model = keras.Model(images, head_model(source.backbone(images)), name="transfer")
+    return AdaptedModel(
+        model=model,
+        backbone=source.backbone,
+        head=head_model,
+        task=task,
+        class_names=tuple(class_names),
+    )

@@ -1,0 +1,159 @@
+"""`source=hub`: a TF Hub model (URL, hub/Kaggle handle or local directory), fine-tunable in Keras 3."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pipeline.errors import SourceError
+from pipeline.types import Preprocess, SourceModel
+
+_OFFLINE_HELP = (
+    "Offline options: point source.handle at a local SavedModel directory, or set "
+    "TFHUB_CACHE_DIR to a cache that already holds this handle."
+)
+
+
+class HubSource:
+    """A TF2 SavedModel in the TF Hub format, loaded so that Keras 3 can fine-tune it.
+
+    Args:
+        handle: a `https://tfhub.dev/...` or `https://www.kaggle.com/models/...` URL, or a
+            local directory holding `saved_model.pb`.
+        input_shape: `[height, width, channels]` the model takes.
+        preprocess: how raw 0-255 pixels are mapped to the model's input range; TF Hub
+            image models take `unit` (0-1).
+        trainable: whether fine-tuning may change the model's weights.
+        signature: call this entry of `signatures` instead of `__call__` (such calls
+            always run in inference mode).
+        output_key: which output to take when the model returns a dict.
+        fetch_timeout: seconds to wait for the hub before failing with offline advice.
+
+    Example:
+        >>> HubSource(handle="/models/mobilenet_v2", input_shape=[224, 224, 3]).load()
+    """
+
+    def __init__(
+        self,
+        handle: str,
+        input_shape: list[int],
+        preprocess: Preprocess = "unit",
+        trainable: bool = True,
+        signature: str | None = None,
+        output_key: str | None = None,
+        fetch_timeout: float = 10.0,
+    ):
+        self.handle = handle
+        self.input_shape = tuple(input_shape)
+        self.preprocess = preprocess
+        self.trainable = trainable
+        self.signature = signature
+        self.output_key = output_key
+        self.fetch_timeout = fetch_timeout
+
+    def load(self) -> SourceModel:
+        path = resolve_handle(self.handle, self.fetch_timeout)
+        import tensorflow as tf
+
+        try:
+            loaded = tf.saved_model.load(path)
+        except Exception as error:
+            raise SourceError(
+                f"source.handle={self.handle!r}: {path} is not a loadable TF2 SavedModel "
+                f"({type(error).__name__}: {error}). A TF Hub model directory holds "
+                "saved_model.pb and variables/; TF1 hub.Module formats are not supported."
+            ) from error
+        self._check_signature(loaded)
+        from pipeline.sources.backbone import build_backbone
+        from pipeline.sources.saved_model_layer import SavedModelLayer
+
+        layer = SavedModelLayer(
+            handle=path,
+            signature=self.signature,
+            output_key=self.output_key,
+            loaded=loaded,
+            trainable=self.trainable,
+            name="hub",
+        )
+        return build_backbone(layer, self.input_shape, self.preprocess, f"hub:{self.handle}")
+
+    def _check_signature(self, loaded) -> None:
+        if self.signature is None:
+            if not callable(loaded):
+                names = ", ".join(sorted(loaded.signatures)) or "none"
+                raise SourceError(
+                    f"source.handle={self.handle!r} has no __call__ function; set "
+                    f"source.signature to one of its signatures: {names}"
+                )
+            return
+        if self.signature not in loaded.signatures:
+            names = ", ".join(sorted(loaded.signatures)) or "none"
+            raise SourceError(
+                f"source.signature={self.signature!r} is not a signature of {self.handle}; "
+                f"available: {names}. Use `python scripts/inspect_source.py` to see their specs."
+            )
+
+
+def resolve_handle(handle: str, timeout: float = 10.0) -> str:
+    """A local directory for `handle`, downloading (into TFHUB_CACHE_DIR) if it is a URL.
+
+    Raises:
+        SourceError: within about `timeout` seconds when the hub cannot be reached.
+    """
+    if os.path.isdir(handle):
+        if not (Path(handle) / "saved_model.pb").exists():
+            raise SourceError(
+                f"source.handle={handle!r} is a directory without saved_model.pb. "
+                "Point it at the directory that holds saved_model.pb and variables/."
+            )
+        return handle
+    parsed = urlparse(handle)
+    if parsed.scheme in ("", "file") and not _looks_like_hub_handle(handle):
+        raise SourceError(
+            f"source.handle={handle!r} is not a directory. Point it at a local SavedModel "
+            "directory, or at a TF Hub / Kaggle Models URL."
+        )
+    cached = _cached_path(handle)
+    if cached is not None:
+        return cached
+    host = parsed.hostname or "www.kaggle.com"
+    _check_reachable(handle, host, timeout)
+    import tensorflow_hub as hub
+
+    try:
+        return hub.resolve(handle)
+    except Exception as error:
+        raise SourceError(
+            f"source.handle={handle!r} could not be fetched ({type(error).__name__}: {error}). "
+            + _OFFLINE_HELP
+        ) from error
+
+
+def _looks_like_hub_handle(handle: str) -> bool:
+    # Kaggle handles: owner/model/framework/variation[/version]
+    return not handle.startswith((".", "/", "~")) and handle.count("/") >= 3
+
+
+def _cached_path(handle: str) -> str | None:
+    cache = os.environ.get("TFHUB_CACHE_DIR")
+    if not cache:
+        return None
+    candidate = Path(cache) / hashlib.sha1(handle.encode("utf8")).hexdigest()
+    return str(candidate) if (candidate / "saved_model.pb").exists() else None
+
+
+def _check_reachable(handle: str, host: str, timeout: float) -> None:
+    start = time.monotonic()
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return
+    except OSError as error:
+        waited = time.monotonic() - start
+        raise SourceError(
+            f"source.handle={handle!r} could not be fetched: {host} is unreachable "
+            f"after {waited:.1f}s ({error}; no network?). {_OFFLINE_HELP}"
+        ) from error

@@ -1,0 +1,98 @@
+"""The small frozen values that stages hand each other.
+
+Stages never reach into each other's state: the runner passes these along. TensorFlow
+objects are typed as `Any` so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Task = Literal["multiclass", "multilabel", "binary"]
+Preprocess = Literal["caffe", "tf", "torch", "unit", "none"]
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """What the data stage produces.
+
+    Args:
+        train, val, test: unbatched `tf.data.Dataset`s of `(image, label)`; images are raw
+            float32 pixels in 0-255 of `input_shape`, labels integer class indices.
+        class_names: the label of each class index, in a stable order.
+        input_shape: `(height, width, channels)` of one image.
+        task: the kind of labels; decides the head's activation and the loss.
+        num_examples: examples per split, for logging and steps.
+    """
+
+    train: Any
+    val: Any
+    test: Any
+    class_names: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    task: Task = "multiclass"
+    num_examples: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """What the load stage produces: the pre-trained backbone, ready to put under a head.
+
+    Args:
+        backbone: a Keras 3 model from raw 0-255 images of `input_shape` to features; the
+            source's preprocessing is its first layer.
+        input_shape: the image shape the backbone takes.
+        feature_shape: the shape of one feature output (without the batch axis).
+        preprocess: the preprocessing baked into the backbone (`unit`, `tf`, ...).
+        description: where it came from, for logs (`hub:/path/to/model`).
+    """
+
+    backbone: Any
+    input_shape: tuple[int, ...]
+    feature_shape: tuple[int, ...]
+    preprocess: str
+    description: str
+
+
+@dataclass(frozen=True)
+class AdaptedModel:
+    """What the adapt stage produces.
+
+    `model` is `head(backbone(images))`; `backbone` and `head` are its two sub-models, kept
+    apart so that training can run the head alone on precomputed backbone features.
+    """
+
+    model: Any
+    backbone: Any
+    head: Any
+    task: Task
+    class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What the train stage produces: per-epoch history, keyed like Keras (`loss`, `val_accuracy`)."""
+
+    history: dict[str, list[float]]
+    epochs_completed: int
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What the export stage produces.
+
+    Args:
+        paths: format name -> path of the artifact (`{"saved_model": Path(...)}`).
+        max_abs_diff: format name -> largest difference between the reloaded artifact's
+            predictions and the in-memory model's on the test images.
+    """
+
+    root: Path
+    paths: dict[str, Path]
+    max_abs_diff: dict[str, float]
