@@ -64,7 +64,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         exported = stages["export"].export(adapted, data, output_dir / "export")
         metrics.update({f"export_{k}_max_abs_diff": v for k, v in exported.max_abs_diff.items()})
 
-        tracked.log_metrics(metrics)
+        # After the per-epoch points, so a metric's latest value is the final model's.
+        tracked.log_metrics(metrics, step=trained.epochs_completed)
         metrics_file = output_dir / "metrics.json"
         metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         tracked.log_artifact(metrics_file)

@@ -90,7 +90,12 @@ class Trainer:
             )
         )
         history = model.fit(
-            train, validation_data=val, epochs=self.epochs, callbacks=[hook], verbose=self.verbose
+            train,
+            validation_data=val,
+            epochs=self.epochs,
+            callbacks=[hook],
+            verbose=self.verbose,
+            shuffle=False,  # the dataset is already shuffled, with the seed
         )
         values = {k: [float(v) for v in vs] for k, vs in history.history.items()}
         return TrainResult(history=values, epochs_completed=len(history.epoch))

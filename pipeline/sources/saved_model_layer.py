@@ -56,7 +56,8 @@ class SavedModelLayer(keras.layers.Layer):
             (as when Keras rebuilds the layer from its config).
         trainable: whether the optimizer may change the SavedModel's trainable variables.
             When false, the model is also called in inference mode, so BatchNorm moving
-            statistics stay fixed.
+            statistics stay fixed, and the layer is pinned: setting `trainable` later (as
+            freeze schedules do) cannot unfreeze it.
 
     Example:
         >>> layer = SavedModelLayer("/models/feature_vector", loaded=tf.saved_model.load(path))
@@ -72,6 +73,8 @@ class SavedModelLayer(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # `trainable=False` at construction pins the layer: no freeze setting unfreezes it.
+        self._pinned = not self.trainable
         self.handle = handle
         self.signature = signature
         self.output_key = output_key
@@ -89,6 +92,14 @@ class SavedModelLayer(keras.layers.Layer):
         for variable in _unique(variables):
             self._track_variable(_AliasVariable(variable, _keras_name(variable)))
         self.built = True
+
+    @property
+    def trainable(self) -> bool:
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        keras.layers.Layer.trainable.fset(self, bool(value) and not getattr(self, "_pinned", False))
 
     @property
     def loaded(self) -> Any:

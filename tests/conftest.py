@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny models and configs that the tests make themselves (no network)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "conf"
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), tmp_path: Path | None = None):
+    """The composed config for `overrides`, writing under `tmp_path` instead of outputs/."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import pipeline.config  # noqa: F401  (registers ${asset:...})
+
+    extra = []
+    if tmp_path is not None:
+        extra = [
+            f"output_dir={tmp_path / 'run'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tracking.artifact_location={tmp_path / 'mlartifacts'}",
+        ]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=[*extra, *overrides])
+
+
+def make_tf_keras_extractor(seed: int = 0, dropout: float = 0.0):
+    """A tiny tf_keras (Keras 2) CNN on 8x8x1 images with BatchNorm: a TF Hub-style model."""
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(seed)
+    layers = tf_keras.layers
+    inputs = tf_keras.Input(shape=(8, 8, 1))
+    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv")(inputs)
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.ReLU()(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    if dropout:
+        x = layers.Dropout(dropout)(x)
+    x = layers.Dense(6, name="project")(x)
+    return tf_keras.Model(inputs, x, name="tiny_extractor")
+
+
+@pytest.fixture(scope="session")
+def hub_model_dir(tmp_path_factory) -> Path:
+    """A tf_keras model written with `tf.saved_model.save`: the TF Hub reusable format."""
+    import tensorflow as tf
+
+    directory = tmp_path_factory.mktemp("hub") / "tiny"
+    tf.saved_model.save(make_tf_keras_extractor(), str(directory))
+    return directory
+
+
+@pytest.fixture
+def tiny_images():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.uniform(0, 255, size=(32, 8, 8, 1)).astype("float32")

@@ -1,0 +1,129 @@
+"""Tier 1: every shipped option composes and builds; bad config fails before TensorFlow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.utils import instantiate
+
+from conftest import CONFIG_DIR, PROJECT_ROOT, compose
+from pipeline import config
+from pipeline.errors import ConfigError
+
+GROUPS = ("source", "freeze", "head", "data", "train", "evaluate", "export", "tracking")
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g in GROUPS for o in _options(g)], ids=lambda v: str(v)
+)
+def test_every_option_composes_validates_and_instantiates(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    if option == "hub":
+        overrides.append("source.handle=/models/anything")
+    cfg = compose(overrides, tmp_path)
+    config.validate(cfg)
+    built = instantiate(cfg[group])
+    assert type(built).__module__.startswith("pipeline.")
+    assert type(built).__name__ == cfg[group]._target_.rsplit(".", 1)[1]
+
+
+@pytest.mark.parametrize("option", _options("experiment"))
+def test_every_experiment_overlay_composes_and_validates(option, tmp_path):
+    cfg = compose([f"experiment={option}"], tmp_path)
+    config.validate(cfg)
+
+
+def test_each_yaml_starts_with_the_command_that_uses_it():
+    for path in CONFIG_DIR.rglob("*.yaml"):
+        lines = [l for l in path.read_text().splitlines() if not l.startswith("# @package")]
+        assert lines[0].startswith("# python -m pipeline"), path
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones(tmp_path):
+    cfg = compose(["+train.epochz=3"], tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        config.validate(cfg)
+    message = str(caught.value)
+    assert "train.epochz=3" in message
+    assert "allowed keys" in message and "epochs" in message
+
+
+def test_wrong_type_names_key_value_and_expected_type(tmp_path):
+    cfg = compose(["train.epochs=ten"], tmp_path)
+    with pytest.raises(ConfigError, match=r"train\.epochs='ten'.*expected int"):
+        config.validate(cfg)
+
+
+def test_literal_lists_the_allowed_values(tmp_path):
+    cfg = compose(["source.preprocess=cafe"], tmp_path)
+    with pytest.raises(ConfigError, match=r"source\.preprocess='cafe'.*'caffe', 'tf', 'torch'"):
+        config.validate(cfg)
+
+
+def test_missing_required_value_is_named(tmp_path):
+    cfg = compose(["source=hub"], tmp_path)
+    with pytest.raises(ConfigError, match=r"source\.handle"):
+        config.validate(cfg)
+
+
+def test_bool_is_not_accepted_for_int(tmp_path):
+    cfg = compose(["train.batch_size=true"], tmp_path)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        config.validate(cfg)
+
+
+def test_flatten_gives_dotted_keys():
+    flat = config.flatten({"train": {"epochs": 3, "optimizer": {"_target_": "x"}}, "seed": 0})
+    assert flat == {"train.epochs": "3", "train.optimizer._target_": "x", "seed": "0"}
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_cli_rejects_bad_value_without_importing_tensorflow(tmp_path):
+    code = (
+        "import sys\n"
+        "from conftest import compose\n"
+        "from pipeline import config\n"
+        f"cfg = compose(['train.epochs=ten'], __import__('pathlib').Path({str(tmp_path)!r}))\n"
+        "try:\n"
+        "    config.validate(cfg)\n"
+        "except Exception as error:\n"
+        "    print(type(error).__name__)\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PROJECT_ROOT / "tests",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.split() == ["ConfigError", "False", "False"], done.stderr
+
+
+def test_cli_reports_bad_value_and_exits_nonzero(tmp_path):
+    done = _cli("train.epochs=ten", f"hydra.run.dir={tmp_path}")
+    assert done.returncode != 0
+    assert "train.epochs='ten'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_help_lists_the_groups():
+    done = _cli("--help")
+    assert done.returncode == 0
+    for group in GROUPS:
+        assert f"{group}:" in done.stdout
