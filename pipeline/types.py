@@ -23,8 +23,16 @@ class DataBundle:
             float32 pixels in 0-255 of `input_shape`, labels integer class indices.
         class_names: the label of each class index, in a stable order.
         input_shape: `(height, width, channels)` of one image.
-        task: the kind of labels; decides the head's activation and the loss.
+        task: the kind of labels; decides the head's activation and the loss. Labels are
+            int class indices for `multiclass` and `binary` (0/1), and multi-hot float
+            vectors of length `num_classes` for `multilabel`.
         num_examples: examples per split, for logging and steps.
+        augmentation: a callable `(images, training) -> images` on a batch of raw images
+            (for example a Keras `Sequential` of random layers); the train stage applies it
+            to training batches only. `None` when the config asks for no augmentation.
+        skipped_files: files that could not be decoded and were left out (logged to MLflow).
+        fingerprint: a digest of the data's identity (files and sizes, or the package
+            data set and split), for caches and reruns.
     """
 
     train: Any
@@ -34,6 +42,9 @@ class DataBundle:
     input_shape: tuple[int, ...]
     task: Task = "multiclass"
     num_examples: dict[str, int] = field(default_factory=dict)
+    augmentation: Any = None
+    skipped_files: tuple[str, ...] = ()
+    fingerprint: str = ""
 
     @property
     def num_classes(self) -> int:

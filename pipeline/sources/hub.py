@@ -117,6 +117,9 @@ def resolve_handle(handle: str, timeout: float = 10.0) -> str:
             f"source.handle={handle!r} is not a directory. Point it at a local SavedModel "
             "directory, or at a TF Hub / Kaggle Models URL."
         )
+    if _looks_like_hub_handle(handle) and not parsed.scheme:
+        handle = f"https://www.kaggle.com/models/{handle}"  # owner/model/framework/variation/version
+        parsed = urlparse(handle)
     cached = _cached_path(handle)
     if cached is not None:
         return cached
