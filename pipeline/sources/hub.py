@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 from pipeline.errors import SourceError
+from pipeline.sources.network import check_reachable
 from pipeline.types import Preprocess, SourceModel
 
 _OFFLINE_HELP = (
@@ -124,7 +123,7 @@ def resolve_handle(handle: str, timeout: float = 10.0) -> str:
     if cached is not None:
         return cached
     host = parsed.hostname or "www.kaggle.com"
-    _check_reachable(handle, host, timeout)
+    check_reachable(f"source.handle={handle!r}", host, timeout, _OFFLINE_HELP)
     import tensorflow_hub as hub
 
     try:
@@ -147,16 +146,3 @@ def _cached_path(handle: str) -> str | None:
         return None
     candidate = Path(cache) / hashlib.sha1(handle.encode("utf8")).hexdigest()
     return str(candidate) if (candidate / "saved_model.pb").exists() else None
-
-
-def _check_reachable(handle: str, host: str, timeout: float) -> None:
-    start = time.monotonic()
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return
-    except OSError as error:
-        waited = time.monotonic() - start
-        raise SourceError(
-            f"source.handle={handle!r} could not be fetched: {host} is unreachable "
-            f"after {waited:.1f}s ({error}; no network?). {_OFFLINE_HELP}"
-        ) from error
