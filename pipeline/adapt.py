@@ -13,7 +13,7 @@ class Head(Protocol):
 
 
 class Freeze(Protocol):
-    def apply(self, backbone: Any) -> None: ...
+    def apply(self, backbone: Any) -> Any: ...  # -> pipeline.freeze.FrozenState
 
 
 def adapt(
@@ -37,7 +37,7 @@ def adapt(
             f"({source.description}) takes {tuple(source.input_shape)}: set "
             "source.input_shape to the data's shape or resize the data to the source's."
         )
-    freeze.apply(source.backbone)
+    frozen = freeze.apply(source.backbone)
     head_model = head.build(source.feature_shape, len(class_names), task)
     images = keras.Input(shape=source.input_shape, name="images")
     model = keras.Model(images, head_model(source.backbone(images)), name="transfer")
@@ -47,4 +47,5 @@ def adapt(
         head=head_model,
         task=task,
         class_names=tuple(class_names),
+        freeze=frozen,
     )

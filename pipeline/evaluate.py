@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
+from pipeline.errors import ConfigError
 from pipeline.types import AdaptedModel, DataBundle
+
+log = logging.getLogger(__name__)
+_SPLITS = ("train", "val", "test")
 
 
 class Evaluator:
@@ -18,6 +24,12 @@ class Evaluator:
     """
 
     def __init__(self, splits: list[str] = ("val", "test"), top_k: int = 3, batch_size: int = 256):
+        unknown = [s for s in splits if s not in _SPLITS]
+        if unknown:
+            raise ConfigError(
+                f"evaluate.splits={list(splits)!r}: {unknown} are not splits; expected some "
+                f"of {', '.join(_SPLITS)}, for example evaluate.splits=[val,test]"
+            )
         self.splits = list(splits)
         self.top_k = top_k
         self.batch_size = batch_size
@@ -28,7 +40,11 @@ class Evaluator:
         metrics: dict[str, float] = {}
         for split in self.splits:
             dataset = getattr(data, split).batch(self.batch_size)
-            labels = np.concatenate([y.numpy() for _, y in dataset])
+            batches = [y.numpy() for _, y in dataset]
+            if not batches:  # e.g. data.val_split=0: nothing to score (Keras' predict fails)
+                log.warning("evaluate: the %s split is empty; no %s_* metrics", split, split)
+                continue
+            labels = np.concatenate(batches)
             probabilities = adapted.model.predict(dataset.map(lambda x, y: x), verbose=0)
             metrics.update(_scores(split, probabilities, labels, adapted.task, self.top_k))
         return metrics

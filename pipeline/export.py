@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +28,7 @@ class Exporter:
             `keras` (a `.keras` file for `keras.saving.load_model`).
         tolerance: the largest difference allowed between a reloaded export's probabilities
             and the in-memory model's on the test images.
-        verify_examples: how many test images the check uses.
+        verify_examples: how many images the check uses (test images first, then val, train).
 
     Example:
         >>> Exporter(formats=["saved_model"]).export(adapted, data, Path("run/export"))
@@ -54,11 +54,16 @@ class Exporter:
                 "directory (each Hydra run gets its own) or move the old export away."
             )
         destination.parent.mkdir(parents=True, exist_ok=True)
+        # Test images first; the other splits make up for a small or empty test split.
+        examples = data.test.concatenate(data.val).concatenate(data.train)
         images = np.concatenate(
-            [x.numpy() for x, _ in data.test.take(self.verify_examples).batch(256)]
+            [x.numpy() for x, _ in examples.take(self.verify_examples).batch(256)]
         )
         expected = adapted.model.predict(images, verbose=0)
-        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-partial-", dir=destination.parent))
+        # mkdir, not tempfile.mkdtemp: mkdtemp's 0700 mode would follow the export into place
+        # and hide it from a server running as another user.
+        staging = destination.parent / f".{destination.name}-partial-{uuid.uuid4().hex[:12]}"
+        staging.mkdir()
         try:
             (staging / "labels.txt").write_text("\n".join(adapted.class_names) + "\n")
             paths: dict[str, Path] = {}
@@ -90,10 +95,10 @@ def _write_saved_model(adapted: AdaptedModel, input_shape, directory: Path) -> P
 
     def serve(images):
         probabilities = model(images, training=False)
-        if adapted.task == "multiclass":
-            top = tf.gather(class_names, tf.argmax(probabilities, axis=-1))
-        else:
+        if adapted.task == "binary":
             top = tf.where(probabilities > 0.5, class_names[-1], class_names[0])[:, 0]
+        else:  # multiclass, and for multilabel the most probable label
+            top = tf.gather(class_names, tf.argmax(probabilities, axis=-1))
         return {"probabilities": probabilities, "class_name": top}
 
     archive = keras.export.ExportArchive()

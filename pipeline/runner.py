@@ -35,30 +35,47 @@ def run(cfg: DictConfig) -> dict[str, float]:
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     output_dir = Path(cfg.output_dir)
     stages = _build_stages(cfg)
+    trainer = stages["train"]
+    params = config.flatten(_without_hydra(resolved))
 
-    with stages["tracking"].run(params=config.flatten(_without_hydra(resolved)), tags=_tags()) as tracked:
+    with stages["tracking"].run(params, _tags(), record=_is_chief(cfg)) as tracked:
         output_dir.mkdir(parents=True, exist_ok=True)
         config_file = output_dir / "config.yaml"
         config_file.write_text(OmegaConf.to_yaml(_without_hydra(resolved)))
         tracked.log_artifact(config_file)
 
         from pipeline.adapt import adapt
-        from pipeline.train import set_seed
 
-        set_seed(cfg.seed)
-        data = stages["data"].load()
-        log.info("data: %s examples, classes %s", data.num_examples, list(data.class_names))
-        source = stages["source"].load()
-        log.info("source: %s, features %s", source.description, source.feature_shape)
-        adapted = adapt(
-            source,
-            head=stages["head"],
-            freeze=stages["freeze"],
-            class_names=data.class_names,
-            input_shape=data.input_shape,
-            task=data.task,
-        )
-        trained = stages["train"].fit(adapted, data, on_epoch_end=tracked.log_epoch)
+        def build(data):
+            source = stages["source"].load()
+            log.info("source: %s, features %s", source.description, source.feature_shape)
+            return adapt(
+                source,
+                head=stages["head"],
+                freeze=stages["freeze"],
+                class_names=data.class_names,
+                input_shape=data.input_shape,
+                task=data.task,
+            )
+
+        with trainer.distribute():
+            data = stages["data"].load()
+            log.info("data: %s examples, classes %s", data.num_examples, list(data.class_names))
+            if data.skipped_files:
+                tracked.log_skipped_files(data.skipped_files)
+            adapted = build(data)
+            trained = trainer.fit(
+                adapted, data, on_epoch_end=tracked.log_epoch, checkpoint_dir=output_dir / "checkpoints"
+            )
+            log.info("trained weights sha256: %s", trained.weights_sha256)
+            tracked.set_tags({"weights_sha256": trained.weights_sha256})
+            weights = [v.numpy() for v in adapted.model.weights] if trainer.copies_to_evaluate else None
+        if not trainer.is_chief:
+            return {}  # non-chief workers train; the chief evaluates, exports and logs
+        if weights is not None:
+            adapted = build(data)
+            adapted.model.set_weights(weights)
+
         metrics = stages["evaluate"].evaluate(adapted, data)
         metrics["epochs_completed"] = float(trained.epochs_completed)
         exported = stages["export"].export(adapted, data, output_dir / "export")
@@ -70,9 +87,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         tracked.log_artifact(metrics_file)
         tracked.log_artifact(exported.root, "export")
-
     _print_summary(metrics, exported, tracked)
     return metrics
+
+
+def _is_chief(cfg: DictConfig) -> bool:
+    from pipeline.distribute import is_chief
+
+    return is_chief(cfg.train.strategy)
 
 
 def _build_stages(cfg: DictConfig) -> dict[str, Any]:

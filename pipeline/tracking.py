@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,16 @@ class TrackedRun:
             self._client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_skipped_files(self, paths: Sequence[str]) -> None:
+        """The files the data stage could not decode: a count metric and a list artifact."""
+        import tempfile
+
+        self.log_metrics({"data_skipped_files": float(len(paths))})
+        with tempfile.TemporaryDirectory() as directory:
+            listing = Path(directory) / "skipped_files.txt"
+            listing.write_text("\n".join(paths) + "\n")
+            self.log_artifact(listing)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
@@ -115,9 +125,17 @@ class MlflowTracker:
             return found.experiment_id
 
     @contextmanager
-    def run(self, params: Mapping[str, str], tags: Mapping[str, str]) -> Iterator[TrackedRun]:
-        """Open a run, log `params` and `tags`, and close it with the right status."""
-        from mlflow.entities import Param, RunTag
+    def run(
+        self, params: Mapping[str, str], tags: Mapping[str, str], record: bool = True
+    ) -> Iterator[TrackedRun]:
+        """Open a run, log `params` and `tags`, and close it with the right status.
+
+        With `record=False` (a non-chief worker) nothing is logged anywhere.
+        """
+        if not record:
+            yield _SilentRun()
+            return
+        from mlflow.entities import Param
 
         client = self._client()
         experiment_id = self._experiment_id(client)
@@ -157,3 +175,22 @@ def _log_traceback(client, run_id: str, error: BaseException) -> None:
         except Exception:  # the status below matters more than the artifact
             pass
     client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+
+
+class _SilentRun(TrackedRun):
+    """Stands in for a run on processes that must not log (non-chief workers)."""
+
+    def __init__(self):
+        super().__init__(client=None, run_id="", tracking_uri="", experiment="")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_skipped_files(self, paths: Sequence[str]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass

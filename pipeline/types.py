@@ -77,6 +77,8 @@ class AdaptedModel:
 
     `model` is `head(backbone(images))`; `backbone` and `head` are its two sub-models, kept
     apart so that training can run the head alone on precomputed backbone features.
+    `freeze` is the `pipeline.freeze.FrozenState`: the backbone's units, the variables that
+    may ever train, and the schedule that unfreezes more of them during training.
     """
 
     model: Any
@@ -84,14 +86,23 @@ class AdaptedModel:
     head: Any
     task: Task
     class_names: tuple[str, ...]
+    freeze: Any = None
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What the train stage produces: per-epoch history, keyed like Keras (`loss`, `val_accuracy`)."""
+    """What the train stage produces.
+
+    Args:
+        history: per-epoch values keyed like Keras (`loss`, `val_accuracy`).
+        epochs_completed: epochs run (fewer than asked when early stopping fired).
+        weights_sha256: a digest of every model weight after training, to compare runs
+            and workers bit for bit.
+    """
 
     history: dict[str, list[float]]
     epochs_completed: int
+    weights_sha256: str = ""
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,12 @@ class DigitsData:
         seed: int = 0,
     ):
         unknown = sorted(set(classes) - set(range(10)))
-        if unknown or len(set(classes)) < 2:
+        repeated = sorted({c for c in classes if list(classes).count(c) > 1})
+        if unknown or repeated or len(set(classes)) < 2:
             raise ConfigError(
                 f"data.classes={list(classes)!r}: expected at least two distinct digits from 0-9"
                 + (f"; {unknown} are not digits" if unknown else "")
+                + (f"; {repeated} appear more than once (each digit is one class)" if repeated else "")
             )
         self.classes = [int(c) for c in classes]
         self.val_split = val_split

@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 
 from pipeline.errors import SourceError
 from pipeline.sources.network import check_reachable
+from pipeline.sources.signatures import check_saved_model_dir, check_signature, load_saved_model
 from pipeline.types import Preprocess, SourceModel
 
 _OFFLINE_HELP = (
@@ -56,17 +57,8 @@ class HubSource:
 
     def load(self) -> SourceModel:
         path = resolve_handle(self.handle, self.fetch_timeout)
-        import tensorflow as tf
-
-        try:
-            loaded = tf.saved_model.load(path)
-        except Exception as error:
-            raise SourceError(
-                f"source.handle={self.handle!r}: {path} is not a loadable TF2 SavedModel "
-                f"({type(error).__name__}: {error}). A TF Hub model directory holds "
-                "saved_model.pb and variables/; TF1 hub.Module formats are not supported."
-            ) from error
-        self._check_signature(loaded)
+        loaded = load_saved_model(path, key="source.handle", value=self.handle)
+        check_signature(loaded, self.signature, where=self.handle)
         from pipeline.sources.backbone import build_backbone
         from pipeline.sources.saved_model_layer import SavedModelLayer
 
@@ -76,25 +68,10 @@ class HubSource:
             output_key=self.output_key,
             loaded=loaded,
             trainable=self.trainable,
+            dtype="float32",  # the SavedModel's functions are float32, also under mixed precision
             name="hub",
         )
         return build_backbone(layer, self.input_shape, self.preprocess, f"hub:{self.handle}")
-
-    def _check_signature(self, loaded) -> None:
-        if self.signature is None:
-            if not callable(loaded):
-                names = ", ".join(sorted(loaded.signatures)) or "none"
-                raise SourceError(
-                    f"source.handle={self.handle!r} has no __call__ function; set "
-                    f"source.signature to one of its signatures: {names}"
-                )
-            return
-        if self.signature not in loaded.signatures:
-            names = ", ".join(sorted(loaded.signatures)) or "none"
-            raise SourceError(
-                f"source.signature={self.signature!r} is not a signature of {self.handle}; "
-                f"available: {names}. Use `python scripts/inspect_source.py` to see their specs."
-            )
 
 
 def resolve_handle(handle: str, timeout: float = 10.0) -> str:
@@ -104,11 +81,7 @@ def resolve_handle(handle: str, timeout: float = 10.0) -> str:
         SourceError: within about `timeout` seconds when the hub cannot be reached.
     """
     if os.path.isdir(handle):
-        if not (Path(handle) / "saved_model.pb").exists():
-            raise SourceError(
-                f"source.handle={handle!r} is a directory without saved_model.pb. "
-                "Point it at the directory that holds saved_model.pb and variables/."
-            )
+        check_saved_model_dir(handle, key="source.handle")
         return handle
     parsed = urlparse(handle)
     if parsed.scheme in ("", "file") and not _looks_like_hub_handle(handle):

@@ -75,6 +75,9 @@ class SavedModelLayer(keras.layers.Layer):
         super().__init__(**kwargs)
         # `trainable=False` at construction pins the layer: no freeze setting unfreezes it.
         self._pinned = not self.trainable
+        # Set by `freeze.batchnorm: frozen`: train the variables but call the model in
+        # inference mode, so its BatchNorm moving statistics stay fixed.
+        self.inference_mode = False
         self.handle = handle
         self.signature = signature
         self.output_key = output_key
@@ -107,7 +110,7 @@ class SavedModelLayer(keras.layers.Layer):
         return self._loaded
 
     def call(self, inputs, training=None):
-        training = bool(training) and self.trainable
+        training = bool(training) and self.trainable and not self.inference_mode
         if self.signature is not None:
             outputs = self._function(**{self._input_name: inputs})
         elif self._accepts_training:
@@ -139,9 +142,12 @@ class SavedModelLayer(keras.layers.Layer):
         return outputs
 
     def compute_output_spec(self, inputs, training=None):
-        # Keras traces symbolic calls itself; the SavedModel's functions need real tensors.
-        spec = tf.TensorSpec(shape=(1, *inputs.shape[1:]), dtype=inputs.dtype)
-        outputs = self.call(tf.zeros(spec.shape, spec.dtype), training=False)
+        # Keras traces symbolic calls itself; the SavedModel's functions need TF tensors.
+        # Tracing (not running) the call also works on distributed variables, which may
+        # only be read inside a replica context.
+        spec = tf.TensorSpec(shape=(None, *inputs.shape[1:]), dtype=inputs.dtype)
+        traced = tf.function(lambda x: self.call(x, training=False)).get_concrete_function(spec)
+        outputs = traced.structured_outputs
         return keras.KerasTensor((inputs.shape[0], *outputs.shape[1:]), dtype=outputs.dtype.name)
 
     def get_config(self):

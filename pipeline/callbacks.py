@@ -1,0 +1,67 @@
+"""Keras callbacks of the train stage: MLflow epoch hook, gradual unfreezing, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import keras
+
+log = logging.getLogger("pipeline")
+
+
+class EpochHookCallback(keras.callbacks.Callback):
+    """Hands each epoch's logs, plus the current learning rate, to `hook(epoch, metrics)`."""
+
+    def __init__(self, hook, optimizer):
+        super().__init__()
+        self._hook = hook
+        self._optimizer = optimizer
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {k: float(v) for k, v in (logs or {}).items()}
+        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self._optimizer.learning_rate))
+        self._hook(epoch, metrics)
+
+
+class UnfreezeCallback(keras.callbacks.Callback):
+    """Applies a gradual freeze schedule at the start of each epoch, keeping the optimizer."""
+
+    def __init__(self, on_epoch_begin):
+        super().__init__()
+        self._on_epoch_begin = on_epoch_begin
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._on_epoch_begin(epoch):
+            # The train step was traced with the old trainable set; trace it again.
+            self.model.make_train_function(force=True)
+            log.info(
+                "epoch %d: unfroze more of the backbone; %d trainable weights now",
+                epoch,
+                len(self.model.trainable_weights),
+            )
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """After each epoch, writes `last.keras` (model + optimizer state) and `state.json`.
+
+    Each file is written beside its final name and renamed into place, so a process killed
+    mid-write leaves the previous complete checkpoint.
+    """
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.directory = Path(directory)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        partial = self.directory / ".last.partial.keras"
+        self.model.save(partial)
+        os.replace(partial, self.directory / "last.keras")
+        iterations = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        state = {"epochs_completed": epoch + 1, "iterations": iterations}
+        partial_state = self.directory / ".state.partial.json"
+        partial_state.write_text(json.dumps(state))
+        os.replace(partial_state, self.directory / "state.json")

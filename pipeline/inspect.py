@@ -1,0 +1,146 @@
+"""`python -m pipeline.inspect [overrides]`: show the source model a run would load, before training.
+
+Takes the same overrides as `python -m pipeline`, checks the config the same way, builds and
+loads only `source`, and prints what it is: description, input shape and preprocessing,
+feature shape, layer and variable counts, trainable parameters and, for SavedModels, every
+signature with its input and output specs and whether `__call__` exists and takes
+`training`. Nothing is trained or written.
+
+    python -m pipeline.inspect source=saved_model source.path=/models/x source.input_shape=[224,224,3]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.types import SourceModel
+
+USAGE = """\
+usage: python -m pipeline.inspect [key=value | group=option ...]
+
+Shows the source model a run with the same overrides would load: its signatures and their
+input/output specs, layer and variable counts, trainable parameters, and the input size and
+preprocessing it expects. Nothing is trained or written.
+
+example: python -m pipeline.inspect source=saved_model source.path=/models/x source.input_shape=[224,224,3]
+"""
+
+
+def describe_source(source: SourceModel) -> str:
+    """Plain text about a loaded source: shapes, preprocessing, counts, SavedModel signatures."""
+    from pipeline.sources.saved_model_layer import SavedModelLayer
+    from pipeline.sources.signatures import describe_call, describe_signatures, format_signatures
+
+    backbone = source.backbone
+    layers = list(_walk_layers(backbone))
+    trainable = _count(backbone.trainable_weights)
+    non_trainable = _count(backbone.non_trainable_weights)
+    lines = [
+        f"source:            {source.description}",
+        f"input shape:       {tuple(source.input_shape)} (raw 0-255 pixels, float32)",
+        f"preprocessing:     {source.preprocess} (inside the backbone)",
+        f"feature shape:     {tuple(source.feature_shape)}",
+        f"layers:            {len(layers)} ({len(backbone.layers)} at the top level: "
+        f"{', '.join(layer.name for layer in backbone.layers)})",
+        f"variables:         {len(backbone.weights)} ({len(backbone.trainable_weights)} trainable, "
+        f"{len(backbone.non_trainable_weights)} non-trainable)",
+        f"parameters:        {trainable + non_trainable:,} "
+        f"({trainable:,} trainable, {non_trainable:,} non-trainable)",
+    ]
+    for layer in layers:
+        if isinstance(layer, SavedModelLayer):
+            called = f"signature {layer.signature!r}" if layer.signature else "__call__"
+            lines += [
+                f"SavedModel in layer {layer.name!r}: {layer.handle} (called through {called})",
+                "  signatures:",
+                format_signatures(describe_signatures(layer.loaded), indent="    "),
+                f"  {describe_call(layer.loaded)}",
+            ]
+    return "\n".join(lines)
+
+
+def inspect_source(overrides: Sequence[str]) -> str:
+    """Compose and check the config for `overrides`, load its source, and describe it."""
+    from hydra.utils import instantiate
+
+    from pipeline import config
+
+    cfg = compose_config(overrides)
+    config.validate(cfg)  # before TensorFlow is imported
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    try:
+        source = instantiate(cfg.source)
+    except PipelineError:
+        raise
+    except Exception as error:
+        cause = error.__cause__ or error
+        raise ConfigError(
+            f"source: could not build {cfg.source.get('_target_')} from the config "
+            f"({type(cause).__name__}: {cause}). Check the keys of conf/source/ against the "
+            "target's arguments."
+        ) from error
+    return describe_source(source.load())
+
+
+def compose_config(overrides: Sequence[str]) -> Any:
+    """The config `python -m pipeline` would run with these overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.runner import CONFIG_DIR
+
+    given = list(overrides)
+    extra = []
+    if not any(o.split("=", 1)[0].lstrip("+~") == "output_dir" for o in given):
+        # `${hydra:runtime.output_dir}` only exists inside a Hydra run; inspect writes nothing.
+        extra = [f"output_dir={os.devnull}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        try:
+            return compose(config_name="config", overrides=[*extra, *given])
+        except Exception as error:  # hydra's override and missing-option errors
+            reason = str(error).split("\nConfig search path")[0].strip()
+            raise ConfigError(
+                f"the overrides {' '.join(given)!r} do not compose: {reason}\n"
+                "Use the same `group=option` and `key=value` overrides as `python -m pipeline`; "
+                "`python -m pipeline --help` lists the groups and options."
+            ) from error
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m pipeline.inspect [overrides]`; exits 2 with the error on a bad config or source."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE, end="")
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        text = inspect_source(argv)
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    print(text, flush=True)
+
+
+def _walk_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _walk_layers(layer)
+
+
+def _count(weights) -> int:
+    total = 0
+    for weight in weights:
+        size = 1
+        for dim in weight.shape:
+            size *= int(dim)
+        total += size
+    return total
+
+
+if __name__ == "__main__":
+    main()

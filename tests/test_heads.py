@@ -1,0 +1,128 @@
+"""The heads: a Keras model named `head` with the task's output layer, in float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.heads import LinearHead, MLPHead
+
+
+def _features(shape, n=16, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, *shape)).astype("float32")
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _output_logits(model, x):
+    kernel, bias = model.get_layer("probabilities").get_weights()
+    return x @ kernel + bias
+
+
+def _layers_of(model, kind):
+    import keras
+
+    return [layer for layer in model.layers if isinstance(layer, getattr(keras.layers, kind))]
+
+
+def test_linear_multiclass_is_softmax_over_the_classes():
+    head = LinearHead().build((6,), num_classes=4, task="multiclass")
+    x = _features((6,))
+    p = head.predict(x, verbose=0)
+    assert head.name == "head"
+    assert tuple(head.output.shape) == (None, 4)
+    assert p.dtype == np.float32
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(p, _softmax(_output_logits(head, x)), atol=1e-5)
+
+
+def test_linear_multilabel_is_independent_sigmoids():
+    head = LinearHead().build((6,), num_classes=4, task="multilabel")
+    x = _features((6,))
+    p = head.predict(x, verbose=0)
+    assert tuple(head.output.shape) == (None, 4)
+    np.testing.assert_allclose(p, _sigmoid(_output_logits(head, x)), atol=1e-5)
+    assert np.abs(p.sum(axis=1) - 1.0).max() > 0.05  # not normalized across classes
+
+
+def test_binary_has_one_sigmoid_unit():
+    head = LinearHead().build((6,), num_classes=2, task="binary")
+    x = _features((6,))
+    p = head.predict(x, verbose=0)
+    assert tuple(head.output.shape) == (None, 1)
+    assert p.shape == (16, 1)
+    np.testing.assert_allclose(p, _sigmoid(_output_logits(head, x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("head", [LinearHead(dropout=0.1), MLPHead(units=[8], batch_norm=True)])
+def test_outputs_are_float32_under_mixed_precision(head):
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = head.build((6,), num_classes=3, task="multiclass")
+        p = model.predict(_features((6,)), verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert model.output.dtype == "float32"
+    assert p.dtype == np.float32
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_spatial_features_are_average_pooled():
+    head = LinearHead().build((4, 4, 6), num_classes=3, task="multiclass")
+    x = _features((4, 4, 6))
+    p = head.predict(x, verbose=0)
+    assert tuple(head.output.shape) == (None, 3)
+    assert len(_layers_of(head, "GlobalAveragePooling2D")) == 1
+    np.testing.assert_allclose(p, _softmax(_output_logits(head, x.mean(axis=(1, 2)))), atol=1e-5)
+
+
+def test_sequence_features_are_flattened():
+    head = MLPHead(units=[5], dropout=0.0).build((3, 6), num_classes=2, task="binary")
+    assert tuple(head.output.shape) == (None, 1)
+    assert len(_layers_of(head, "Flatten")) == 1
+    assert head.get_layer("dense_0").kernel.shape == (18, 5)
+
+
+def test_linear_dropout_only_when_asked():
+    assert not _layers_of(LinearHead(dropout=0.0).build((6,), 3, "multiclass"), "Dropout")
+    (dropout,) = _layers_of(LinearHead(dropout=0.25).build((6,), 3, "multiclass"), "Dropout")
+    assert dropout.rate == 0.25
+
+
+def test_mlp_layers_follow_the_config():
+    head = MLPHead(units=[16, 8], dropout=0.3, activation="tanh", batch_norm=True).build(
+        (6,), num_classes=3, task="multiclass"
+    )
+    dense = [layer for layer in _layers_of(head, "Dense") if layer.name != "probabilities"]
+    assert [layer.units for layer in dense] == [16, 8]
+    assert len(_layers_of(head, "BatchNormalization")) == 2
+    assert [layer.rate for layer in _layers_of(head, "Dropout")] == [0.3, 0.3]
+    activations = _layers_of(head, "Activation")
+    assert len(activations) == 2
+    x = _features((6,))
+    np.testing.assert_allclose(
+        activations[0](np.array([[-2.0, 0.5]], "float32")).numpy(), np.tanh([[-2.0, 0.5]]), atol=1e-6
+    )
+    # Dropout is active in training only; inference is deterministic.
+    np.testing.assert_array_equal(head(x, training=False).numpy(), head(x, training=False).numpy())
+    assert np.abs(head(x, training=True).numpy() - head(x, training=False).numpy()).max() > 1e-4
+    assert tuple(head.output.shape) == (None, 3)
+
+
+def test_mlp_without_batch_norm_or_dropout():
+    head = MLPHead(units=[4], dropout=0.0, batch_norm=False).build((6,), 5, "multilabel")
+    assert not _layers_of(head, "BatchNormalization")
+    assert not _layers_of(head, "Dropout")
+    assert [layer.units for layer in _layers_of(head, "Dense")] == [4, 5]
+    p = head.predict(_features((6,)), verbose=0)
+    assert p.shape == (16, 5) and np.all((p > 0) & (p < 1))
