@@ -8,6 +8,39 @@ from pipeline.sources.preprocess import PreprocessLayer
 from pipeline.types import SourceModel
 
 
+@keras.saving.register_keras_serializable(package="pipeline")
+class PinnedModel(keras.layers.Wrapper):
+    """Calls a Keras model as a layer; `trainable=False` at construction pins it.
+
+    Args:
+        layer: the model (or layer) to call.
+        trainable: false pins it: frozen, in inference mode, whatever is set later.
+
+    Example:
+        >>> PinnedModel(keras.applications.MobileNetV2(weights=None), trainable=False)
+    """
+
+    def __init__(self, layer, **kwargs):
+        super().__init__(layer, **kwargs)
+        self._pinned = not self.trainable
+        self.layer.trainable = self.trainable
+        self.built = self.layer.built
+
+    @property
+    def trainable(self) -> bool:
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        keras.layers.Layer.trainable.fset(self, bool(value) and not getattr(self, "_pinned", False))
+
+    def call(self, inputs, training=None):
+        return self.layer(inputs, training=bool(training) and self.trainable)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+
 def build_backbone(
     extractor: keras.layers.Layer,
     input_shape: tuple[int, ...],
