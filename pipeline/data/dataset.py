@@ -1,0 +1,150 @@
+"""What the image options share: their settings' checks and the tf.data chain they build.
+
+The chain is `decode in parallel -> cache -> cast to float32`, unbatched; the train stage
+shuffles, batches and prefetches. Decoded images are cached as uint8 (a quarter of the
+memory of float32) and cast after the cache, so a cached run sees the same pixels as an
+uncached one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.decode import RESIZE_POLICIES, decode_bytes
+from pipeline.errors import ConfigError, DataError
+from pipeline.types import DataBundle
+
+TASKS = ("multiclass", "binary")
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How every image of an option is decoded and kept (see the option's Args)."""
+
+    image_size: tuple[int, int]
+    channels: int
+    resize: str
+    cache: str | None
+    deterministic: bool
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (*self.image_size, self.channels)
+
+    def pixels_fingerprint(self, fingerprint: str) -> str:
+        """The files' fingerprint plus what changes the decoded pixels (size, channels, resize)."""
+        decoding = {"image_size": list(self.image_size), "channels": self.channels, "resize": self.resize}
+        return hashlib.sha256((fingerprint + json.dumps(decoding, sort_keys=True)).encode()).hexdigest()
+
+    def cache_key(self, fingerprint: str) -> str:
+        """Names file caches: other files or other decode settings never reuse a cache."""
+        text = fingerprint + json.dumps(asdict(self) | {"cache": None}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def image_settings(
+    image_size: Sequence[int], channels: int, resize: str, cache: str | None, deterministic: bool
+) -> ImageSettings:
+    """Checked settings; raises ConfigError naming the `data.` key and the fix."""
+    size = list(image_size)
+    if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise ConfigError(
+            f"data.image_size={size!r}: expected [height, width] in pixels, for example "
+            "data.image_size=[224,224]"
+        )
+    if channels not in (1, 3):
+        raise ConfigError(f"data.channels={channels!r}: expected 1 (grayscale) or 3 (RGB)")
+    if resize not in RESIZE_POLICIES:
+        raise ConfigError(
+            f"data.resize={resize!r}: expected one of {', '.join(RESIZE_POLICIES)}"
+        )
+    if cache is not None and not str(cache).strip():
+        raise ConfigError(
+            "data.cache='': expected null (no cache), memory, or a file path prefix such as "
+            "/tmp/cache/flowers-"
+        )
+    return ImageSettings((size[0], size[1]), channels, resize, cache, bool(deterministic))
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"data.task={task!r}: expected one of {', '.join(TASKS)}")
+
+
+def check_classes(class_names: Sequence[str], task: str, where: str) -> None:
+    """Fewer than two classes, or binary without exactly two, is a DataError."""
+    if len(class_names) < 2:
+        raise DataError(
+            f"{where} has {len(class_names)} class(es) {list(class_names)}: a classifier needs "
+            "at least 2. Add images of another class."
+        )
+    if task == "binary" and len(class_names) != 2:
+        raise DataError(
+            f"data.task=binary needs exactly 2 classes, but {where} has {len(class_names)}: "
+            f"{list(class_names)}. Set data.task=multiclass or keep two classes."
+        )
+
+
+def require_examples(counts: dict[str, int], fixes: dict[str, str]) -> None:
+    """Fail before training when a split ended up empty, with the option's own fix."""
+    for split, count in counts.items():
+        if count == 0:
+            raise DataError(f"the {split} split is empty: {fixes[split]}")
+
+
+def file_dataset(paths: Sequence[str], labels: Any, settings: ImageSettings, split: str, key: str):
+    """`(image, label)` pairs decoded from files in parallel, then cached."""
+    import tensorflow as tf
+
+    def load(path, label):
+        image = decode_bytes(tf.io.read_file(path), settings.channels, settings.image_size, settings.resize)
+        return image, label
+
+    dataset = tf.data.Dataset.from_tensor_slices((list(paths), labels))
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    return finish(dataset, settings, split, key)
+
+
+def finish(dataset: Any, settings: ImageSettings, split: str, key: str):
+    """Cache uint8 images (memory or files), cast them to float32, set determinism."""
+    import tensorflow as tf
+
+    if settings.cache == "memory":
+        dataset = dataset.cache()
+    elif settings.cache:
+        prefix = Path(settings.cache).expanduser()
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        dataset = dataset.cache(f"{prefix}{split}-{key}")
+    dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = settings.deterministic
+    return dataset.with_options(options)
+
+
+def make_bundle(
+    splits: dict[str, Any],
+    counts: dict[str, int],
+    class_names: Sequence[str],
+    settings: ImageSettings,
+    task: str,
+    augmentation: Any,
+    skipped: Sequence[str],
+    fingerprint: str,
+) -> DataBundle:
+    return DataBundle(
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
+        class_names=tuple(class_names),
+        input_shape=settings.input_shape,
+        task=task,
+        num_examples=dict(counts),
+        augmentation=augmentation.build() if augmentation is not None else None,
+        skipped_files=tuple(skipped),
+        fingerprint=settings.pixels_fingerprint(fingerprint),
+    )

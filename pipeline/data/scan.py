@@ -1,0 +1,176 @@
+"""Finding image files, the pre-scan that leaves out undecodable ones, and fingerprints.
+
+Everything here runs before TensorFlow sees a file, so that a truncated JPEG or a stray
+text file is reported up front instead of killing training in the middle of an epoch.
+No TensorFlow: Pillow decides whether a file is an image TensorFlow's decoder will accept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# Pillow's format names that tf.io.decode_image reads (MPO is a camera JPEG).
+DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"})
+# Pillow decodes in C with the GIL released, so threads scale with cores.
+WORKERS = min(32, (os.cpu_count() or 1) + 4)
+
+
+@dataclass(frozen=True)
+class ScannedFile:
+    """One file after the pre-scan: its identity, and why it was left out (or None)."""
+
+    path: str
+    size: int
+    sha256: str
+    problem: str | None = None
+
+
+def class_folders(root: str, key: str) -> list[tuple[str, Path]]:
+    """`(class name, folder)` for each visible subfolder of `root`, sorted by name.
+
+    Raises:
+        DataError: `root` is missing or not a folder, or holds no class folders.
+    """
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise DataError(
+            f"{key}={root!r} {what}: point {key} at a folder with one subfolder per class "
+            "(for example flowers/daisy/*.jpg, flowers/tulip/*.jpg)."
+        )
+    folders = sorted((p.name, p) for p in path.iterdir() if p.is_dir() and not _hidden(p))
+    loose = [p.name for p in path.iterdir() if p.is_file() and not _hidden(p)]
+    if loose:
+        log.warning("%s=%s: %d file(s) directly in the folder are ignored (only class "
+                    "subfolders are read), e.g. %s", key, root, len(loose), sorted(loose)[0])
+    if not folders:
+        raise DataError(
+            f"{key}={root!r} has no class subfolders: put each class's images in its own "
+            "subfolder (the folder name becomes the class name)."
+        )
+    return folders
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every visible file below `folder` (recursively), in a stable order.
+
+    Hidden files and folders (`.DS_Store`, `.ipynb_checkpoints`) are not data.
+    """
+    found = []
+    for directory, subdirs, names in os.walk(folder):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        found.extend(Path(directory, n) for n in sorted(names) if not n.startswith("."))
+    return found
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def image_problem(data: bytes) -> str | None:
+    """Why `data` is not an image that TensorFlow will decode, or None when it is.
+
+    A full decode (not just `Image.verify`) is what catches a truncated file. JPEGs are
+    decoded at 1/8 scale, which still reads every byte but costs a fraction of the time.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in DECODABLE_FORMATS:
+                return f"{image.format} is not a format TensorFlow decodes (JPEG, PNG, BMP, GIF, WebP)"
+            problem = _bmp_problem(data, image.mode) if image.format == "BMP" else None
+            if problem:
+                return problem
+            if image.format in ("JPEG", "MPO"):
+                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except UnidentifiedImageError:
+        return "not an image (unrecognised or damaged header)"
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ...
+        return f"cannot be decoded ({error})"
+    return None
+
+
+def _bmp_problem(data: bytes, mode: str) -> str | None:
+    # TensorFlow's BMP decoder reads 8-bit pixels as gray, ignoring a color palette, and
+    # rejects 1/4/16-bit and compressed (RLE) files; those would train on garbage or fail.
+    bits = int.from_bytes(data[28:30], "little") if len(data) >= 30 else 0
+    compression = int.from_bytes(data[30:34], "little") if len(data) >= 34 else 0
+    if mode == "P" or bits not in (8, 24, 32) or compression not in (0, 3):
+        return (f"a {bits}-bit {'palette ' if mode == 'P' else ''}BMP that TensorFlow cannot "
+                "read correctly; convert it to a 24-bit BMP or PNG")
+    return None
+
+
+def scan_files(paths: Sequence[Path], check: bool = True) -> list[ScannedFile]:
+    """Size, content digest and (when `check`) the decode problem of each file, in order."""
+
+    def one(path: Path) -> ScannedFile:
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            return ScannedFile(str(path), 0, "", f"cannot be read ({error.strerror})")
+        problem = image_problem(data) if check else None
+        return ScannedFile(str(path), len(data), hashlib.sha256(data).hexdigest(), problem)
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return list(pool.map(one, paths))
+
+
+def check_blobs(blobs: Iterable[bytes]) -> list[str | None]:
+    """`image_problem` of each in-memory image (TFRecord features), in parallel."""
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return list(pool.map(image_problem, blobs))
+
+
+def report_skipped(skipped: Sequence[tuple[str, str]], total: int, key: str) -> None:
+    """Log one warning with the count and the first few `(path, problem)` pairs."""
+    if not skipped:
+        return
+    shown = "; ".join(f"{path}: {problem}" for path, problem in skipped[:5])
+    more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+    log.warning(
+        "%s: skipped %d of %d files that are not decodable images: %s%s. They are left out "
+        "of every split and listed in the run's skipped_files; fix or delete them to use them.",
+        key, len(skipped), total, shown, more,
+    )
+
+
+def fingerprint(files: Iterable[tuple[str, int, str]], settings: dict) -> str:
+    """sha256 over the sorted `(relative path, size, content sha256)` and the split settings.
+
+    Relative paths make the digest independent of where the data set lives; any change to
+    a file's bytes, a renamed file or another split gives another digest.
+    """
+    digest = hashlib.sha256()
+    for name, size, sha in sorted(files):
+        digest.update(f"{name}\0{size}\0{sha}\n".encode())
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def relative_to(root: Path) -> Callable[[str], str]:
+    """A function giving a path's POSIX form relative to `root` (absolute if outside it)."""
+    base = root.resolve()
+
+    def relative(path: str) -> str:
+        resolved = Path(path).resolve()
+        try:
+            return resolved.relative_to(base).as_posix()
+        except ValueError:
+            return resolved.as_posix()
+
+    return relative

@@ -1,0 +1,169 @@
+"""`data=tfds`: a TensorFlow Datasets data set, read offline from a prepared `data_dir`.
+
+tensorflow-datasets is an optional extra (`pip install tensorflow-datasets`); it is
+imported in `load()` only, so every other option works without it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pipeline.data import dataset, scan
+from pipeline.data.augment import Augmentation
+from pipeline.data.decode import Resize, fit, match_channels
+from pipeline.errors import ConfigError, DataError
+from pipeline.types import DataBundle
+
+SPLITS = ("train", "val", "test")
+
+
+class TfdsData:
+    """Images and labels of a TFDS data set, by name and split.
+
+    Args:
+        name: the TFDS name, optionally with a version (`mnist`, `tf_flowers:3.*.*`).
+        split: the TFDS split for each of train, val and test; slices work
+            (`train[:80%]`), so a data set without a validation split can be cut.
+        data_dir: where the prepared data set lives; null uses TFDS's default
+            (`~/tensorflow_datasets` or `TFDS_DATA_DIR`).
+        download: fetch and prepare the data set when it is not in `data_dir` (network).
+        image_key: the image feature's name.
+        label_key: the class label feature's name (a `ClassLabel`, which gives the names).
+        image_size: `[height, width]` every image is brought to.
+        channels: 1 (grayscale) or 3 (RGB).
+        resize: resize, crop_or_pad or aspect_preserving.
+        task: multiclass or binary (exactly two classes).
+        cache: null, memory, or a file path prefix for decoded images.
+        deterministic: keep tf.data's element order reproducible.
+        augmentation: random changes applied to training batches, or null.
+        seed: unused by the split (TFDS splits are fixed); kept for the fingerprint.
+
+    Example:
+        >>> TfdsData(name="mnist", data_dir="/data/tfds", image_size=[28, 28], channels=1).load()
+    """
+
+    def __init__(
+        self,
+        name: str,
+        split: dict[str, str] | None = None,
+        data_dir: str | None = None,
+        download: bool = False,
+        image_key: str = "image",
+        label_key: str = "label",
+        image_size: list[int] = (224, 224),
+        channels: Literal[1, 3] = 3,
+        resize: Resize = "resize",
+        task: Literal["multiclass", "binary"] = "multiclass",
+        cache: str | None = None,
+        deterministic: bool = True,
+        augmentation: Augmentation | None = None,
+        seed: int = 0,
+    ):
+        self.settings = dataset.image_settings(image_size, channels, resize, cache, deterministic)
+        dataset.check_task(task)
+        split = dict(split or {"train": "train[:80%]", "val": "train[80%:]", "test": "test"})
+        if sorted(split) != sorted(SPLITS):
+            raise ConfigError(
+                f"data.split={split!r}: expected exactly the keys train, val and test, each a TFDS "
+                "split such as data.split.val='train[80%:]'"
+            )
+        self.name = name
+        self.split = split
+        self.data_dir = data_dir
+        self.download = download
+        self.keys = (image_key, label_key)
+        self.task = task
+        self.augmentation = augmentation
+        self.seed = seed
+
+    def load(self) -> DataBundle:
+        tfds = _import_tfds()
+        builder = self._builder(tfds)
+        class_names = self._class_names(builder)
+        dataset.check_classes(class_names, self.task, f"data.name={self.name!r}")
+        counts = {}
+        for split, tfds_split in self.split.items():
+            try:
+                counts[split] = int(builder.info.splits[tfds_split].num_examples)
+            except (KeyError, ValueError) as error:
+                raise DataError(
+                    f"data.split.{split}={tfds_split!r} is not a split of {self.name!r} "
+                    f"({error}); its splits are {sorted(builder.info.splits)}."
+                ) from error
+        dataset.require_examples(counts, {s: f"data.split.{s}={self.split[s]!r} holds no example."
+                                          for s in SPLITS})
+        fingerprint = scan.fingerprint(
+            [], {"option": "tfds", "name": self.name, "version": str(builder.info.version),
+                 "split": self.split, "num_examples": counts, "keys": self.keys},
+        )
+        key = self.settings.cache_key(fingerprint)
+        splits = {split: self._split(builder, tfds_split, split, key)
+                  for split, tfds_split in self.split.items()}
+        return dataset.make_bundle(splits, counts, class_names, self.settings, self.task,
+                                   self.augmentation, (), fingerprint)
+
+    def _builder(self, tfds):
+        try:
+            builder = tfds.builder(self.name, data_dir=self.data_dir)
+        except Exception as error:  # DatasetNotFoundError and friends vary across versions
+            raise DataError(
+                f"data.name={self.name!r} is not a TFDS data set ({error}). Check the name in "
+                "the TFDS catalog."
+            ) from error
+        if not _is_prepared(builder):
+            if not self.download:
+                raise DataError(
+                    f"data.name={self.name!r} is not prepared in data.data_dir={self.data_dir!r} "
+                    f"({builder.data_dir}). Point data.data_dir at a prepared copy, or set "
+                    "data.download=true once (needs the network)."
+                )
+            builder.download_and_prepare()
+        return builder
+
+    def _class_names(self, builder) -> list[str]:
+        features = builder.info.features
+        image_key, label_key = self.keys
+        for key, name in (("data.image_key", image_key), ("data.label_key", label_key)):
+            if name not in features:
+                raise DataError(
+                    f"{key}={name!r} is not a feature of {self.name!r}; its features are "
+                    f"{sorted(features.keys())}. Set {key} to one of them."
+                )
+        names = getattr(features[label_key], "names", None)
+        if not names:
+            raise DataError(
+                f"data.label_key={label_key!r} of {self.name!r} is not a class label with names; "
+                "pick a ClassLabel feature."
+            )
+        return list(names)
+
+    def _split(self, builder, tfds_split: str, split: str, key: str):
+        import tensorflow as tf
+
+        image_key, label_key = self.keys
+        settings = self.settings
+
+        def prepare(example):
+            image = match_channels(example[image_key], settings.channels)
+            return fit(image, settings.image_size, settings.resize), tf.cast(example[label_key], tf.int64)
+
+        examples = builder.as_dataset(split=tfds_split, shuffle_files=False)
+        return dataset.finish(examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE), settings, split, key)
+
+
+def _import_tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise DataError(
+            "data=tfds needs the tensorflow-datasets package, which is not installed: run "
+            "`pip install tensorflow-datasets` (then prepare the data set once, or point "
+            "data.data_dir at a prepared copy), or use data=image_folder, csv or tfrecord."
+        ) from error
+    return tfds
+
+
+def _is_prepared(builder) -> bool:
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(builder.data_dir) and bool(builder.info.splits)
