@@ -35,7 +35,9 @@ def adapt(
         raise DataError(
             f"the data's images have shape {tuple(input_shape)} but the source "
             f"({source.description}) takes {tuple(source.input_shape)}: set "
-            "source.input_shape to the data's shape or resize the data to the source's."
+            f"data.image_size={list(source.input_shape[:2])} and "
+            f"data.channels={source.input_shape[-1]} to match the source, or "
+            f"source.input_shape={list(input_shape)} to match the data."
         )
     frozen = freeze.apply(source.backbone)
     head_model = head.build(source.feature_shape, len(class_names), task)

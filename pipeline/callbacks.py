@@ -51,16 +51,17 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     mid-write leaves the previous complete checkpoint.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, model):
         super().__init__()
         self.directory = Path(directory)
+        self._full_model = model  # the whole model, also while a cached phase fits the head
 
     def on_epoch_end(self, epoch, logs=None):
         self.directory.mkdir(parents=True, exist_ok=True)
         partial = self.directory / ".last.partial.keras"
-        self.model.save(partial)
+        self._full_model.save(partial)
         os.replace(partial, self.directory / "last.keras")
-        iterations = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        iterations = int(keras.ops.convert_to_numpy(self._full_model.optimizer.iterations))
         state = {"epochs_completed": epoch + 1, "iterations": iterations}
         partial_state = self.directory / ".state.partial.json"
         partial_state.write_text(json.dumps(state))

@@ -42,6 +42,7 @@ class FrozenState:
     units: list[Unit]
     on_epoch_begin: Callable[[int], bool] | None = None  # True when the trainable set changed
     candidates: list[Any] = field(default_factory=list)  # every variable that may ever train
+    unfreeze_epochs: tuple[int, ...] = ()  # when on_epoch_begin opens more of the backbone
 
 
 def backbone_units(backbone: Any) -> list[Unit]:
@@ -248,7 +249,7 @@ class Gradual:
 
         chosen = [unit for group in groups for unit in group]
         candidates = _trainable_when_open(backbone, units, chosen, self.batchnorm)
-        return FrozenState(units, on_epoch_begin, candidates)
+        return FrozenState(units, on_epoch_begin, candidates, tuple(self.epochs))
 
     def _groups(self, units: list[Unit]) -> list[list[Unit]]:
         if self.patterns is not None:

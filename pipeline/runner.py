@@ -61,6 +61,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         with trainer.distribute():
             data = stages["data"].load()
             log.info("data: %s examples, classes %s", data.num_examples, list(data.class_names))
+            tracked.set_tags({"data.fingerprint": data.fingerprint})
             if data.skipped_files:
                 tracked.log_skipped_files(data.skipped_files)
             adapted = build(data)
@@ -68,7 +69,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 adapted, data, on_epoch_end=tracked.log_epoch, checkpoint_dir=output_dir / "checkpoints"
             )
             log.info("trained weights sha256: %s", trained.weights_sha256)
-            tracked.set_tags({"weights_sha256": trained.weights_sha256})
+            tracked.set_tags({"weights_sha256": trained.weights_sha256, "feature_cache": trained.feature_cache})
             weights = [v.numpy() for v in adapted.model.weights] if trainer.copies_to_evaluate else None
         if not trainer.is_chief:
             return {}  # non-chief workers train; the chief evaluates, exports and logs
@@ -106,6 +107,8 @@ def _build_stages(cfg: DictConfig) -> dict[str, Any]:
             raise
         except Exception as error:
             cause = error.__cause__ or error
+            if isinstance(cause, PipelineError):  # a nested node's own, already clear, error
+                raise cause from None
             raise ConfigError(
                 f"{group}: could not build {cfg[group].get('_target_')} from the config "
                 f"({type(cause).__name__}: {cause}). Check the keys of conf/{group}/ "

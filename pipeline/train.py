@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 from collections.abc import Callable, Iterator
@@ -9,7 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.features import FeatureCache
 from pipeline.types import AdaptedModel, DataBundle, TrainResult
+
+log = logging.getLogger("pipeline")
 
 EpochHook = Callable[[int, dict[str, float]], None]
 Strategy = Literal["default", "one_device", "mirrored", "multi_worker", "tpu"]
@@ -41,6 +45,10 @@ class Trainer:
             small models and accelerators.
         strategy: `default`, `one_device`, `mirrored` (all local GPUs), `multi_worker`
             (reads TF_CONFIG) or `tpu`.
+        feature_cache: while the backbone is frozen and nothing augments the data, compute
+            its outputs once (cached on disk across epochs, runs and sweep jobs) and train
+            the head on them.
+        feature_cache_dir: where cached backbone outputs live.
         shuffle_buffer: examples shuffled together; at least the split size shuffles fully.
         seed: seeds Python, NumPy and TensorFlow (weights, dropout, shuffling).
         verbose: Keras progress output: 0 silent, 1 bar, 2 one line per epoch.
@@ -68,6 +76,8 @@ class Trainer:
         jit_compile: bool | Literal["auto"] = "auto",
         steps_per_execution: int = 1,
         strategy: Strategy = "default",
+        feature_cache: bool = True,
+        feature_cache_dir: str = "outputs/feature_cache",
         shuffle_buffer: int = 10_000,
         seed: int = 0,
         verbose: int = 2,
@@ -86,6 +96,8 @@ class Trainer:
         self.jit_compile = jit_compile
         self.steps_per_execution = steps_per_execution
         self.strategy = strategy
+        self.feature_cache = feature_cache
+        self.feature_cache_dir = feature_cache_dir
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.verbose = verbose
@@ -130,40 +142,25 @@ class Trainer:
         on_epoch_end: EpochHook,
         checkpoint_dir: Path | None = None,
     ) -> TrainResult:
-        import tensorflow as tf
-
+        """Train for `epochs`: the head alone on cached features while the backbone is frozen
+        (when the cache applies), then the whole model; one optimizer throughout."""
         from pipeline.callbacks import AtomicCheckpoint, EpochHookCallback, UnfreezeCallback
 
         replicas = self._strategy.num_replicas_in_sync if self._strategy else 1
         global_batch = self.batch_size * replicas
         steps_per_epoch = max(math.ceil(data.num_examples.get("train", 1) / global_batch), 1)
         optimizer = self._optimizer(adapted, steps_per_epoch)
-        adapted.model.compile(
-            optimizer=optimizer,
-            loss=_loss(adapted.task, len(adapted.class_names), self.label_smoothing),
-            metrics=_metrics(adapted.task),
-            jit_compile=self.jit_compile,
-            steps_per_execution=self.steps_per_execution,
-        )
-        train = data.train.shuffle(self.shuffle_buffer, seed=self.seed, reshuffle_each_iteration=True)
-        train = _batches(train, global_batch, adapted.task, data.augmentation)
-        val = _batches(data.val, global_batch, adapted.task, None)
+        self._compile(adapted.model, adapted, optimizer)
+        cached_epochs, cache_status = self._cache_plan(adapted, data)
+        log.info("feature cache: %s", cache_status)
 
-        if self.strategy == "multi_worker":
-            from pipeline.distribute import prepare_multi_worker_fit
-
-            prepare_multi_worker_fit(adapted.model, self._strategy, next(iter(train.take(1))))
         callbacks = [EpochHookCallback(on_epoch_end, optimizer)]
-        if adapted.freeze.on_epoch_begin is not None:
-            callbacks.insert(0, UnfreezeCallback(adapted.freeze.on_epoch_begin))
         if self.early_stopping_patience is not None:
             import keras
 
             callbacks.append(
                 keras.callbacks.EarlyStopping(
-                    monitor="val_loss",
-                    patience=self.early_stopping_patience,
-                    restore_best_weights=True,
+                    monitor="val_loss", patience=self.early_stopping_patience, restore_best_weights=True
                 )
             )
         scratch = None
@@ -171,22 +168,73 @@ class Trainer:
             if not self.is_chief:  # saving is collective: every worker saves, non-chiefs to scratch
                 scratch = tempfile.TemporaryDirectory(prefix="pipeline-worker-checkpoint-")
                 checkpoint_dir = Path(scratch.name)
-            callbacks.append(AtomicCheckpoint(Path(checkpoint_dir)))
+            callbacks.append(AtomicCheckpoint(Path(checkpoint_dir), adapted.model))
+        histories = []
         try:
-            history = self._fit(adapted, train, val, callbacks)
+            if cached_epochs:
+                features, hit = FeatureCache(Path(self.feature_cache_dir)).load_or_compute(adapted.backbone, data)
+                cache_status = "hit" if hit else "computed"
+                self._compile(adapted.head, adapted, optimizer)
+                histories.append(self._fit(adapted.head, features["train"], features["val"], adapted.task,
+                                           None, callbacks, 0, cached_epochs))
+            stopped = bool(histories) and len(histories[0].epoch) < cached_epochs
+            if cached_epochs < self.epochs and not stopped:
+                train = data.train
+                if self.strategy == "multi_worker":
+                    from pipeline.distribute import prepare_multi_worker_fit
+
+                    sample = next(iter(_batches(train, global_batch, adapted.task, None)))
+                    prepare_multi_worker_fit(adapted.model, self._strategy, sample)
+                extra = []
+                if adapted.freeze.on_epoch_begin is not None:
+                    extra = [UnfreezeCallback(adapted.freeze.on_epoch_begin)]
+                histories.append(self._fit(adapted.model, train, data.val, adapted.task,
+                                           data.augmentation, extra + callbacks, cached_epochs, self.epochs))
         finally:
             if scratch is not None:
                 scratch.cleanup()
-        values = {k: [float(v) for v in vs] for k, vs in history.history.items()}
-        return TrainResult(values, len(history.epoch), weights_sha256(adapted.model))
+        values: dict[str, list[float]] = {}
+        for history in histories:
+            for key, series in history.history.items():
+                values.setdefault(key, []).extend(float(v) for v in series)
+        epochs = sum(len(h.epoch) for h in histories)
+        return TrainResult(values, epochs, weights_sha256(adapted.model), cache_status)
 
-    def _fit(self, adapted: AdaptedModel, train: Any, val: Any, callbacks: list[Any]) -> Any:
+    def _cache_plan(self, adapted: AdaptedModel, data: DataBundle) -> tuple[int, str]:
+        """How many leading epochs train the head on cached features, and why (not)."""
+        if not self.feature_cache:
+            return 0, "off (train.feature_cache=false)"
+        if adapted.backbone.trainable_weights:
+            return 0, "bypassed: backbone weights train from the first epoch"
+        if data.augmentation is not None:
+            return 0, "bypassed: augmentation changes every epoch's images"
+        if not data.fingerprint:
+            return 0, "bypassed: the data source gives no fingerprint to key the cache"
+        if self.strategy not in ("default", "one_device"):
+            return 0, f"bypassed: train.strategy={self.strategy}"
+        frozen = min(adapted.freeze.unfreeze_epochs, default=self.epochs)
+        return min(frozen, self.epochs), f"used for epochs 0-{min(frozen, self.epochs) - 1}"
+
+    def _compile(self, model: Any, adapted: AdaptedModel, optimizer: Any) -> None:
+        model.compile(
+            optimizer=optimizer,
+            loss=_loss(adapted.task, len(adapted.class_names), self.label_smoothing),
+            metrics=_metrics(adapted.task),
+            jit_compile=self.jit_compile,
+            steps_per_execution=self.steps_per_execution,
+        )
+
+    def _fit(self, model, train, val, task, augmentation, callbacks, initial_epoch, epochs) -> Any:
         import tensorflow as tf
 
-        return adapted.model.fit(
-            train.prefetch(tf.data.AUTOTUNE),
-            validation_data=val.prefetch(tf.data.AUTOTUNE),
-            epochs=self.epochs,
+        replicas = self._strategy.num_replicas_in_sync if self._strategy else 1
+        batch = self.batch_size * replicas
+        train = train.shuffle(self.shuffle_buffer, seed=self.seed, reshuffle_each_iteration=True)
+        return model.fit(
+            _batches(train, batch, task, augmentation).prefetch(tf.data.AUTOTUNE),
+            validation_data=_batches(val, batch, task, None).prefetch(tf.data.AUTOTUNE),
+            initial_epoch=initial_epoch,
+            epochs=epochs,
             callbacks=callbacks,
             verbose=self.verbose,
             shuffle=False,  # the dataset is already shuffled, with the seed

@@ -98,11 +98,13 @@ class TrainResult:
         epochs_completed: epochs run (fewer than asked when early stopping fired).
         weights_sha256: a digest of every model weight after training, to compare runs
             and workers bit for bit.
+        feature_cache: `hit`, `computed`, or why the cache was not used.
     """
 
     history: dict[str, list[float]]
     epochs_completed: int
     weights_sha256: str = ""
+    feature_cache: str = ""
 
 
 @dataclass(frozen=True)

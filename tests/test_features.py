@@ -1,0 +1,154 @@
+"""The frozen-backbone feature cache: reuse, invalidation, bypass, and the same results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.adapt import adapt
+from pipeline.data.digits import DigitsData
+from pipeline.features import FeatureCache, backbone_fingerprint
+from pipeline.freeze import FreezeAll, FreezeNone, Gradual
+from pipeline.heads import LinearHead
+from pipeline.schedules import Constant
+from pipeline.sources.hub import HubSource
+from pipeline.train import Trainer
+
+
+def _optimizer(learning_rate):
+    import keras
+
+    return keras.optimizers.Adam(learning_rate)
+
+
+def _trainer(tmp_path, **overrides):
+    args = dict(epochs=4, batch_size=32, learning_rate=0.01, optimizer=_optimizer, lr_schedule=Constant(),
+                checkpoint=False, verbose=0, feature_cache_dir=str(tmp_path / "cache"))
+    args.update(overrides)
+    return Trainer(**args)
+
+
+def _source(hub_model_dir):
+    return HubSource(handle=str(hub_model_dir), input_shape=[8, 8, 1]).load()
+
+
+def _run(trainer, hub_model_dir, freeze=None, data=None):
+    with trainer.distribute():
+        data = data or DigitsData(classes=[5, 6, 7]).load()
+        adapted = adapt(_source(hub_model_dir), LinearHead(), freeze or FreezeAll(),
+                        data.class_names, data.input_shape, data.task)
+        result = trainer.fit(adapted, data, on_epoch_end=lambda e, logs: None)
+    return adapted, result, data
+
+
+def test_second_run_with_the_same_key_computes_no_backbone_outputs(tmp_path, hub_model_dir, monkeypatch):
+    _, first, _ = _run(_trainer(tmp_path), hub_model_dir)
+    assert first.feature_cache == "computed"
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the backbone ran although the cache holds its outputs")
+
+    monkeypatch.setattr(FeatureCache, "_compute", forbidden)
+    _, second, _ = _run(_trainer(tmp_path), hub_model_dir)
+    assert second.feature_cache == "hit"
+    assert second.history["loss"] == pytest.approx(first.history["loss"])
+
+
+def test_cache_counts_each_example_once_and_reads_back_the_backbone_outputs(tmp_path, hub_model_dir):
+    data = DigitsData(classes=[5, 6, 7]).load()
+    backbone = _source(hub_model_dir).backbone
+    cache = FeatureCache(tmp_path)
+    splits, hit = cache.load_or_compute(backbone, data)
+    assert not hit and cache.computed_examples == data.num_examples["train"] + data.num_examples["val"]
+    features = np.stack([f.numpy() for f, _ in splits["val"]])
+    images = np.stack([x.numpy() for x, _ in data.val])
+    np.testing.assert_allclose(features, backbone(images, training=False).numpy(), atol=1e-5)
+
+    again = FeatureCache(tmp_path)
+    _, hit = again.load_or_compute(backbone, data)
+    assert hit and again.computed_examples == 0
+
+
+def test_another_source_or_other_data_or_preprocessing_changes_the_key(tmp_path, hub_model_dir):
+    import tensorflow as tf
+
+    from conftest import make_tf_keras_extractor
+
+    data = DigitsData(classes=[5, 6, 7]).load()
+    cache = FeatureCache(tmp_path)
+    key = cache.key(_source(hub_model_dir).backbone, data.fingerprint)
+    tf.saved_model.save(make_tf_keras_extractor(seed=7), str(tmp_path / "other"))
+    other_source = HubSource(handle=str(tmp_path / "other"), input_shape=[8, 8, 1]).load()
+    other_preprocess = HubSource(handle=str(hub_model_dir), input_shape=[8, 8, 1], preprocess="tf").load()
+    other_split = DigitsData(classes=[5, 6, 7], seed=1).load()
+    assert cache.key(_source(hub_model_dir).backbone, data.fingerprint) == key
+    assert cache.key(other_source.backbone, data.fingerprint) != key
+    assert cache.key(other_preprocess.backbone, data.fingerprint) != key
+    assert cache.key(_source(hub_model_dir).backbone, other_split.fingerprint) != key
+    assert backbone_fingerprint(other_source.backbone) != backbone_fingerprint(_source(hub_model_dir).backbone)
+
+
+def test_image_size_is_part_of_the_key(tmp_path):
+    from PIL import Image
+
+    from pipeline.data.image_folder import ImageFolderData
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for index in range(6):
+            pixels = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{index}.png")
+    prints = {
+        size: ImageFolderData(train_dir=str(tmp_path / "images"), image_size=[size, size],
+                              val_split=0.34, test_split=0.34).load().fingerprint
+        for size in (8, 10)
+    }
+    assert prints[8] and prints[8] != prints[10]
+
+
+def test_accuracy_with_and_without_the_cache_agrees(tmp_path, hub_model_dir):
+    adapted, cached, data = _run(_trainer(tmp_path, epochs=6), hub_model_dir)
+    _, direct, _ = _run(_trainer(tmp_path, epochs=6, feature_cache=False), hub_model_dir)
+    assert cached.feature_cache == "computed" and direct.feature_cache.startswith("off")
+    assert cached.history["val_accuracy"][-1] == pytest.approx(direct.history["val_accuracy"][-1], abs=0.03)
+    assert cached.history["val_loss"][-1] == pytest.approx(direct.history["val_loss"][-1], rel=0.05)
+    # The trained model is the whole model (backbone + head), whatever was cached.
+    images = np.stack([x.numpy() for x, _ in data.test])[:8]
+    np.testing.assert_allclose(
+        adapted.model.predict(images, verbose=0),
+        adapted.head.predict(adapted.backbone.predict(images, verbose=0), verbose=0),
+        atol=1e-5,
+    )
+
+
+def test_cache_is_bypassed_when_the_backbone_trains_or_data_is_augmented(tmp_path, hub_model_dir):
+    from pipeline.data.augment import Augmentation
+
+    _, trains, _ = _run(_trainer(tmp_path, epochs=1), hub_model_dir, freeze=FreezeNone())
+    assert trains.feature_cache.startswith("bypassed: backbone")
+
+    digits = DigitsData(classes=[5, 6, 7]).load()
+    augmented = type(digits)(**{**digits.__dict__, "augmentation": Augmentation(flip="horizontal").build()})
+    _, augments, _ = _run(_trainer(tmp_path, epochs=1), hub_model_dir, data=augmented)
+    assert augments.feature_cache.startswith("bypassed: augmentation")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_gradual_schedule_uses_the_cache_for_its_frozen_phase(tmp_path, hub_model_dir):
+    adapted, result, _ = _run(_trainer(tmp_path, epochs=4), hub_model_dir,
+                              freeze=Gradual(epochs=[2], units_per_step=1))
+    assert result.feature_cache == "computed"
+    assert result.epochs_completed == 4 and len(result.history["loss"]) == 4
+    steps_per_epoch = -(-int(adapted.model.optimizer.iterations) // 4)
+    assert int(adapted.model.optimizer.iterations) == 4 * steps_per_epoch  # one optimizer
+
+
+def test_a_partial_entry_left_by_a_killed_job_is_never_read(tmp_path, hub_model_dir):
+    data = DigitsData(classes=[5, 6, 7]).load()
+    backbone = _source(hub_model_dir).backbone
+    cache = FeatureCache(tmp_path)
+    key = cache.key(backbone, data.fingerprint)
+    (tmp_path / f".partial-{key}-deadbeef" / "train").mkdir(parents=True)  # a killed writer's leftovers
+    splits, hit = cache.load_or_compute(backbone, data)
+    assert not hit and sum(1 for _ in splits["train"]) == data.num_examples["train"]
