@@ -40,6 +40,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     with stages["tracking"].run(params, _tags(), record=_is_chief(cfg)) as tracked:
         output_dir.mkdir(parents=True, exist_ok=True)
+        tracked.set_tags({"run_dir": str(output_dir.resolve())})
         config_file = output_dir / "config.yaml"
         config_file.write_text(OmegaConf.to_yaml(_without_hydra(resolved)))
         tracked.log_artifact(config_file)

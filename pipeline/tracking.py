@@ -194,3 +194,28 @@ class _SilentRun(TrackedRun):
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         pass
+
+
+def run_directory(uri: str, run_id: str) -> Path:
+    """The local run directory of an earlier run, from its `run_dir` tag.
+
+    Raises:
+        ConfigError: when the run or its directory cannot be found, naming both.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(tracking_uri=absolute_uri(uri)).get_run(run_id)
+    except MlflowException as error:
+        raise ConfigError(
+            f"run {run_id!r} is not in the MLflow store {uri} ({error}); check the id with "
+            f"`mlflow ui --backend-store-uri {absolute_uri(uri)}` or set tracking.uri"
+        ) from error
+    directory = run.data.tags.get("run_dir")
+    if not directory or not Path(directory).is_dir():
+        raise ConfigError(
+            f"run {run_id!r} has no local run directory (tag run_dir={directory!r}); "
+            "point at the run's directory instead (outputs/runs/<date_time>)"
+        )
+    return Path(directory)
