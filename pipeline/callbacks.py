@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -24,6 +25,24 @@ class EpochHookCallback(keras.callbacks.Callback):
         metrics = {k: float(v) for k, v in (logs or {}).items()}
         metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self._optimizer.learning_rate))
         self._hook(epoch, metrics)
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Fails the run with a clear reason when the loss stops being a finite number."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            from pipeline.errors import TrainingDiverged
+
+            raise TrainingDiverged(
+                f"the training loss became {float(loss)} at epoch {self._epoch}, batch {batch}: "
+                "training diverged. Lower train.learning_rate, add train/lr_schedule=cosine "
+                "warmup, or check the data for broken labels or images."
+            )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
 
 
 class UnfreezeCallback(keras.callbacks.Callback):

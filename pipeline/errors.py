@@ -19,3 +19,7 @@ class DataError(PipelineError):
 
 class ExportError(PipelineError):
     """An export could not be written or does not reproduce the in-memory model."""
+
+
+class TrainingDiverged(PipelineError):
+    """The loss became NaN or infinite."""

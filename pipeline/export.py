@@ -1,8 +1,12 @@
 """The export stage: write the fine-tuned model for serving, verify it, then move it into place.
 
-Everything is written into a temporary directory beside the destination, reloaded and
-compared with the in-memory model there, and only then renamed into place: a crash or a
-failed check never leaves half an export where a user would look for one.
+Everything is written into a temporary directory beside the destination, reloaded by the
+client that will read it and compared with the in-memory model there, and only then renamed
+into place: a crash or a failed check never leaves half an export where a user would look.
+
+The export directory holds `labels.txt` (one class name per line, in probability order),
+`input_example.npy` (two raw images, for `saved_model_cli run` and MLflow) and one entry
+per format: `saved_model/`, `model.keras`, `model.tflite`.
 """
 
 from __future__ import annotations
@@ -11,37 +15,66 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
-from pipeline.errors import ExportError
+from pipeline.errors import ConfigError, ExportError
+from pipeline.tflite import QUANTIZATIONS, Quantization
 from pipeline.types import AdaptedModel, DataBundle, ExportResult
 
-Format = Literal["saved_model", "keras"]
+Format = Literal["saved_model", "keras", "tflite"]
+FORMATS: tuple[str, ...] = get_args(Format)
+# The gap TFLite's own kernels leave, by quantization, when export.tflite_tolerance is null.
+TFLITE_TOLERANCE = {"none": 1e-4, "float16": 1e-2, "int8": 0.25}
+_BYTES_CHECKED = 16  # images sent through serving_uint8 and serving_bytes in the check
 
 
 class Exporter:
-    """Writes the model (preprocessing included) in each requested format.
+    """Writes the model (preprocessing included) in each requested format and checks each.
 
     Args:
-        formats: `saved_model` (its `serving_default` signature takes raw 0-255 images of
-            the training shape and returns `probabilities` and the top `class_name`) and/or
-            `keras` (a `.keras` file for `keras.saving.load_model`).
-        tolerance: the largest difference allowed between a reloaded export's probabilities
-            and the in-memory model's on the test images.
-        verify_examples: how many images the check uses (test images first, then val, train).
+        formats: any of `saved_model` (signatures `serving_default` on float 0-255 images
+            of any size, `serving_uint8`, `serving_bytes` on encoded files; see
+            `pipeline.serving`), `keras` (a self-contained `.keras` file for
+            `keras.saving.load_model`) and `tflite` (`model.tflite`, fixed image size).
+        quantization: for `tflite`: `none`, `float16` or `int8` (calibrated on training
+            images); the accuracy change is reported as `export_tflite_accuracy_delta`.
+        calibration_examples: training images that set the int8 activation ranges.
+        tolerance: the largest difference allowed between the probabilities of a reloaded
+            `saved_model` or `keras` export and the in-memory model's.
+        tflite_tolerance: the same for `tflite`; null takes the default for the quantization
+            (`none` 1e-4, `float16` 1e-2, `int8` 0.25).
+        verify_examples: how many images the checks use (test images first, then val, train).
 
     Example:
-        >>> Exporter(formats=["saved_model"]).export(adapted, data, Path("run/export"))
+        >>> Exporter(formats=["saved_model", "tflite"], quantization="int8").export(
+        ...     adapted, data, Path("run/export"))
     """
 
     def __init__(
         self,
         formats: list[Format] = ("saved_model",),
+        quantization: Quantization = "none",
+        calibration_examples: int = 200,
         tolerance: float = 1e-5,
+        tflite_tolerance: float | None = None,
         verify_examples: int = 256,
     ):
-        self.formats = list(formats)
+        unknown = [name for name in formats if name not in FORMATS]
+        if unknown or not formats:
+            raise ConfigError(
+                f"export.formats={list(formats)!r}: expected one or more of {', '.join(FORMATS)}, "
+                "for example export.formats=[saved_model,tflite]"
+            )
+        if quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"export.quantization={quantization!r}: expected one of {', '.join(QUANTIZATIONS)}, "
+                "for example export.quantization=float16"
+            )
+        self.formats = list(dict.fromkeys(formats))
+        self.quantization = quantization
+        self.calibration_examples = calibration_examples
         self.tolerance = tolerance
+        self.tflite_tolerance = tflite_tolerance
         self.verify_examples = verify_examples
 
     def export(self, adapted: AdaptedModel, data: DataBundle, destination: Path) -> ExportResult:
@@ -54,85 +87,121 @@ class Exporter:
                 "directory (each Hydra run gets its own) or move the old export away."
             )
         destination.parent.mkdir(parents=True, exist_ok=True)
-        # Test images first; the other splits make up for a small or empty test split.
-        examples = data.test.concatenate(data.val).concatenate(data.train)
-        images = np.concatenate(
-            [x.numpy() for x, _ in examples.take(self.verify_examples).batch(256)]
-        )
+        images, labels = _verification_set(data, self.verify_examples)
         expected = adapted.model.predict(images, verbose=0)
         # mkdir, not tempfile.mkdtemp: mkdtemp's 0700 mode would follow the export into place
         # and hide it from a server running as another user.
         staging = destination.parent / f".{destination.name}-partial-{uuid.uuid4().hex[:12]}"
         staging.mkdir()
         try:
-            (staging / "labels.txt").write_text("\n".join(adapted.class_names) + "\n")
+            (staging / "labels.txt").write_text("\n".join(map(str, adapted.class_names)) + "\n")
+            np.save(staging / "input_example.npy", images[:2])
             paths: dict[str, Path] = {}
             differences: dict[str, float] = {}
+            accuracy_delta: dict[str, float] = {}
             for name in self.formats:
-                write, reload = _WRITERS[name]
-                path = write(adapted, data.input_shape, staging)
-                actual = reload(path, images)
-                differences[name] = float(np.max(np.abs(actual - expected)))
-                if differences[name] > self.tolerance:
+                path, difference, actual = getattr(self, f"_{name}")(adapted, data, staging, images, expected)
+                differences[name] = difference
+                allowed = self._tolerance(name)
+                if not difference <= allowed:  # also catches NaN
+                    key = "export.tflite_tolerance" if name == "tflite" else "export.tolerance"
                     raise ExportError(
                         f"the {name} export's predictions differ from the in-memory model's by "
-                        f"{differences[name]:.3g} (> export.tolerance={self.tolerance}); the "
-                        "export was not kept. Raise export.tolerance only if this is expected."
+                        f"{difference:.3g} (> {key}={allowed}); the export was not kept. Raise "
+                        f"{key} only if this is expected."
+                    )
+                if name == "tflite":
+                    accuracy_delta[name] = _accuracy(actual, labels, adapted.task) - _accuracy(
+                        expected, labels, adapted.task
                     )
                 paths[name] = destination / path.relative_to(staging)
             os.replace(staging, destination)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return ExportResult(root=destination, paths=paths, max_abs_diff=differences)
+        return ExportResult(
+            root=destination, paths=paths, max_abs_diff=differences, accuracy_delta=accuracy_delta
+        )
+
+    def _tolerance(self, name: str) -> float:
+        if name != "tflite":
+            return self.tolerance
+        if self.tflite_tolerance is not None:
+            return self.tflite_tolerance
+        return TFLITE_TOLERANCE[self.quantization]
+
+    def _saved_model(self, adapted, data, staging, images, expected):
+        """Writes `saved_model/` and checks all three signatures as a TF Serving client would."""
+        import numpy as np
+        import tensorflow as tf
+
+        from pipeline.serving import write_saved_model
+
+        path = write_saved_model(
+            adapted.model, adapted.class_names, adapted.task, data.input_shape, staging / "saved_model"
+        )
+        signatures = tf.saved_model.load(str(path)).signatures
+        actual = signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()
+        difference = _max_abs_diff(actual, expected)
+        # Whole pixel values, as decoders give them, through the uint8 and file signatures.
+        pixels = np.clip(np.round(images[:_BYTES_CHECKED]), 0, 255).astype("uint8")
+        wanted = adapted.model.predict(pixels.astype("float32"), verbose=0)
+        served = signatures["serving_uint8"](images=tf.constant(pixels))["probabilities"].numpy()
+        difference = max(difference, _max_abs_diff(served, wanted))
+        if "serving_bytes" in signatures:
+            files = tf.stack([tf.io.encode_png(image) for image in pixels])
+            served = signatures["serving_bytes"](images=files)["probabilities"].numpy()
+            difference = max(difference, _max_abs_diff(served, wanted))
+        return path, difference, actual
+
+    def _keras(self, adapted, data, staging, images, expected):
+        import keras
+
+        path = staging / "model.keras"
+        adapted.model.save(path)
+        actual = keras.saving.load_model(path, compile=False).predict(images, verbose=0)
+        return path, _max_abs_diff(actual, expected), actual
+
+    def _tflite(self, adapted, data, staging, images, expected):
+        from pipeline import tflite
+        from pipeline.serving import write_fixed_size
+
+        source = write_fixed_size(adapted.model, data.input_shape, staging / ".tflite-source")
+        calibration = []
+        if self.quantization == "int8":
+            calibration = [x.numpy() for x, _ in data.train.take(self.calibration_examples)]
+            if not calibration:
+                raise ExportError(
+                    "export.quantization='int8' needs training images to calibrate on, but "
+                    "the training split is empty. Use export.quantization=float16 or none."
+                )
+        path = staging / "model.tflite"
+        path.write_bytes(tflite.convert(source, self.quantization, calibration))
+        shutil.rmtree(source)
+        actual = tflite.predict(path, images)
+        return path, _max_abs_diff(actual, expected), actual
 
 
-def _write_saved_model(adapted: AdaptedModel, input_shape, directory: Path) -> Path:
-    import keras
-    import tensorflow as tf
+def _verification_set(data: DataBundle, count: int):
+    """Up to `count` images and labels: test first; the other splits make up for a small test split."""
+    import numpy as np
 
-    model = adapted.model
-    class_names = tf.constant(list(adapted.class_names))
-
-    def serve(images):
-        probabilities = model(images, training=False)
-        if adapted.task == "binary":
-            top = tf.where(probabilities > 0.5, class_names[-1], class_names[0])[:, 0]
-        else:  # multiclass, and for multilabel the most probable label
-            top = tf.gather(class_names, tf.argmax(probabilities, axis=-1))
-        return {"probabilities": probabilities, "class_name": top}
-
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        name="serving_default",
-        fn=serve,
-        input_signature=[tf.TensorSpec((None, *input_shape), tf.float32, name="images")],
-    )
-    path = directory / "saved_model"
-    archive.write_out(str(path), verbose=False)
-    return path
+    examples = data.test.concatenate(data.val).concatenate(data.train).take(count)
+    batches = [(x.numpy(), y.numpy()) for x, y in examples.batch(256)]
+    if not batches:
+        raise ExportError("the data has no images at all, so no export can be verified")
+    return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
 
 
-def _reload_saved_model(path: Path, images):
-    import tensorflow as tf
+def _max_abs_diff(actual, expected) -> float:
+    import numpy as np
 
-    serving = tf.saved_model.load(str(path)).signatures["serving_default"]
-    return serving(images=tf.constant(images))["probabilities"].numpy()
-
-
-def _write_keras(adapted: AdaptedModel, input_shape, directory: Path) -> Path:
-    path = directory / "model.keras"
-    adapted.model.save(path)
-    return path
+    return float(np.max(np.abs(np.asarray(actual, dtype="float64") - expected)))
 
 
-def _reload_keras(path: Path, images):
-    import keras
+def _accuracy(probabilities, labels, task) -> float:
+    import numpy as np
 
-    return keras.saving.load_model(path).predict(images, verbose=0)
-
-
-_WRITERS = {
-    "saved_model": (_write_saved_model, _reload_saved_model),
-    "keras": (_write_keras, _reload_keras),
-}
+    if task == "multiclass":
+        return float(np.mean(np.argmax(probabilities, axis=1) == labels))
+    predicted = probabilities > 0.5
+    return float(np.mean(predicted == (labels.reshape(predicted.shape) > 0.5)))

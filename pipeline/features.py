@@ -42,7 +42,8 @@ def backbone_fingerprint(backbone: Any) -> str:
 
 
 def _all_layers(model: Any):
-    for layer in getattr(model, "layers", []):
+    inner = getattr(model, "layers", None) or ([model.layer] if hasattr(model, "layer") else [])
+    for layer in inner:  # nested models, and models inside wrappers (PinnedModel)
         yield layer
         yield from _all_layers(layer)
 

@@ -61,7 +61,22 @@ def describe_source(source: SourceModel) -> str:
                 format_signatures(describe_signatures(layer.loaded), indent="    "),
                 f"  {describe_call(layer.loaded)}",
             ]
+    lines.append(_describe_units(backbone))
     return "\n".join(lines)
+
+
+def _describe_units(backbone) -> str:
+    """The units that freeze=top_n / regex / gradual count and match, top first."""
+    from pipeline.freeze import backbone_units
+
+    units = backbone_units(backbone)
+    shown = [
+        f"    {len(units) - i:>4}  {unit.name}{'  (BatchNorm)' if unit.batchnorm else ''}"
+        for i, unit in enumerate(reversed(units))
+    ]
+    if len(shown) > 40:
+        shown = [*shown[:30], f"    ...   ({len(units) - 40} more)", *shown[-10:]]
+    return "\n".join([f"freeze units:      {len(units)} (for freeze=top_n/regex/gradual; top first)", *shown])
 
 
 def inspect_source(overrides: Sequence[str]) -> str:

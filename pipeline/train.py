@@ -50,7 +50,10 @@ class Trainer:
             the head on them.
         feature_cache_dir: where cached backbone outputs live.
         shuffle_buffer: examples shuffled together; at least the split size shuffles fully.
-        seed: seeds Python, NumPy and TensorFlow (weights, dropout, shuffling).
+        seed: seeds Python, NumPy and TensorFlow (weights, dropout, shuffling); epoch `e`
+            is shuffled with `seed + e`, so a resumed run sees the same batches.
+        deterministic: make TensorFlow's ops deterministic (slower), so reruns and resumed
+            runs on the same CPU end with bit-identical weights and metrics.
         verbose: Keras progress output: 0 silent, 1 bar, 2 one line per epoch.
 
     Example:
@@ -80,6 +83,7 @@ class Trainer:
         feature_cache_dir: str = "outputs/feature_cache",
         shuffle_buffer: int = 10_000,
         seed: int = 0,
+        deterministic: bool = False,
         verbose: int = 2,
     ):
         self.epochs = epochs
@@ -100,6 +104,7 @@ class Trainer:
         self.feature_cache_dir = feature_cache_dir
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.deterministic = deterministic
         self.verbose = verbose
         self.is_chief = True
         self._strategy: Any = None
@@ -127,6 +132,10 @@ class Trainer:
         self._strategy = make_strategy(self.strategy)  # first: multi-worker needs it early
         self.is_chief = is_chief(self.strategy)
         keras.utils.set_random_seed(self.seed)
+        if self.deterministic:
+            import tensorflow as tf
+
+            tf.config.experimental.enable_op_determinism()
         previous = keras.mixed_precision.dtype_policy()
         keras.mixed_precision.set_dtype_policy(self.mixed_precision or "float32")
         try:
@@ -141,20 +150,33 @@ class Trainer:
         data: DataBundle,
         on_epoch_end: EpochHook,
         checkpoint_dir: Path | None = None,
+        resume: Path | None = None,
     ) -> TrainResult:
         """Train for `epochs`: the head alone on cached features while the backbone is frozen
-        (when the cache applies), then the whole model; one optimizer throughout."""
-        from pipeline.callbacks import AtomicCheckpoint, EpochHookCallback, UnfreezeCallback
+        (when the cache applies), then the whole model; one optimizer throughout.
+
+        Args:
+            checkpoint_dir: where `last.keras` and `state.json` go after each epoch.
+            resume: a checkpoint directory to continue from: its weights, optimizer state
+                and epoch count are restored and training carries on from the next epoch.
+        """
+        from pipeline.callbacks import (
+            AtomicCheckpoint,
+            EpochHookCallback,
+            StopOnNaN,
+            UnfreezeCallback,
+        )
 
         replicas = self._strategy.num_replicas_in_sync if self._strategy else 1
         global_batch = self.batch_size * replicas
         steps_per_epoch = max(math.ceil(data.num_examples.get("train", 1) / global_batch), 1)
         optimizer = self._optimizer(adapted, steps_per_epoch)
         self._compile(adapted.model, adapted, optimizer)
+        first_epoch = self._restore(adapted, resume) if resume is not None else 0
         cached_epochs, cache_status = self._cache_plan(adapted, data)
         log.info("feature cache: %s", cache_status)
 
-        callbacks = [EpochHookCallback(on_epoch_end, optimizer)]
+        callbacks = [StopOnNaN(), EpochHookCallback(on_epoch_end, optimizer)]
         if self.early_stopping_patience is not None:
             import keras
 
@@ -171,25 +193,25 @@ class Trainer:
             callbacks.append(AtomicCheckpoint(Path(checkpoint_dir), adapted.model))
         histories = []
         try:
-            if cached_epochs:
+            if first_epoch < cached_epochs:
                 features, hit = FeatureCache(Path(self.feature_cache_dir)).load_or_compute(adapted.backbone, data)
                 cache_status = "hit" if hit else "computed"
                 self._compile(adapted.head, adapted, optimizer)
                 histories.append(self._fit(adapted.head, features["train"], features["val"], adapted.task,
-                                           None, callbacks, 0, cached_epochs))
-            stopped = bool(histories) and len(histories[0].epoch) < cached_epochs
-            if cached_epochs < self.epochs and not stopped:
+                                           None, callbacks, first_epoch, cached_epochs, data))
+            stopped = bool(histories) and len(histories[0].epoch) < cached_epochs - first_epoch
+            if max(cached_epochs, first_epoch) < self.epochs and not stopped:
                 train = data.train
                 if self.strategy == "multi_worker":
                     from pipeline.distribute import prepare_multi_worker_fit
 
-                    sample = next(iter(_batches(train, global_batch, adapted.task, None)))
+                    sample = next(iter(_prepared(train.batch(global_batch), adapted.task, None)))
                     prepare_multi_worker_fit(adapted.model, self._strategy, sample)
                 extra = []
                 if adapted.freeze.on_epoch_begin is not None:
                     extra = [UnfreezeCallback(adapted.freeze.on_epoch_begin)]
-                histories.append(self._fit(adapted.model, train, data.val, adapted.task,
-                                           data.augmentation, extra + callbacks, cached_epochs, self.epochs))
+                histories.append(self._fit(adapted.model, train, data.val, adapted.task, data.augmentation,
+                                           extra + callbacks, max(cached_epochs, first_epoch), self.epochs, data))
         finally:
             if scratch is not None:
                 scratch.cleanup()
@@ -197,8 +219,22 @@ class Trainer:
         for history in histories:
             for key, series in history.history.items():
                 values.setdefault(key, []).extend(float(v) for v in series)
-        epochs = sum(len(h.epoch) for h in histories)
+        epochs = first_epoch + sum(len(h.epoch) for h in histories)
         return TrainResult(values, epochs, weights_sha256(adapted.model), cache_status)
+
+    def _restore(self, adapted: AdaptedModel, checkpoint_dir: Path) -> int:
+        """Load weights and optimizer state; replay the freeze schedule; the next epoch."""
+        import json
+
+        checkpoint_dir = Path(checkpoint_dir)
+        state = json.loads((checkpoint_dir / "state.json").read_text())
+        first_epoch = int(state["epochs_completed"])
+        schedule = adapted.freeze.on_epoch_begin
+        for epoch in range(first_epoch if schedule is not None else 0):
+            schedule(epoch)  # reach the trainable set the run had
+        adapted.model.load_weights(checkpoint_dir / "last.keras")
+        log.info("resuming after epoch %d from %s", first_epoch, checkpoint_dir)
+        return first_epoch
 
     def _cache_plan(self, adapted: AdaptedModel, data: DataBundle) -> tuple[int, str]:
         """How many leading epochs train the head on cached features, and why (not)."""
@@ -224,20 +260,34 @@ class Trainer:
             steps_per_execution=self.steps_per_execution,
         )
 
-    def _fit(self, model, train, val, task, augmentation, callbacks, initial_epoch, epochs) -> Any:
+    def _fit(self, model, train, val, task, augmentation, callbacks, initial_epoch, epochs, data) -> Any:
         import tensorflow as tf
 
         replicas = self._strategy.num_replicas_in_sync if self._strategy else 1
         batch = self.batch_size * replicas
-        train = train.shuffle(self.shuffle_buffer, seed=self.seed, reshuffle_each_iteration=True)
+        steps = max(math.ceil(data.num_examples.get("train", 1) / batch), 1)
+
+        # Epoch e is shuffled with seed + e, whatever ran before it in this process, so a
+        # resumed run sees the batches an uninterrupted one would. One flat stream: Keras
+        # takes `steps` batches from it per epoch.
+        remaining = list(range(initial_epoch, epochs))
+        per_epoch = [
+            train.shuffle(self.shuffle_buffer, seed=self.seed + e, reshuffle_each_iteration=False).batch(batch)
+            for e in remaining
+        ]
+        order = tf.data.Dataset.range(len(remaining)).flat_map(
+            lambda i: tf.data.Dataset.from_tensors(i).repeat(steps)
+        )
+        stream = _prepared(tf.data.Dataset.choose_from_datasets(per_epoch, order), task, augmentation)
         return model.fit(
-            _batches(train, batch, task, augmentation).prefetch(tf.data.AUTOTUNE),
-            validation_data=_batches(val, batch, task, None).prefetch(tf.data.AUTOTUNE),
+            stream.prefetch(tf.data.AUTOTUNE),
+            validation_data=_prepared(val.batch(batch), task, None).prefetch(tf.data.AUTOTUNE),
+            steps_per_epoch=steps,
             initial_epoch=initial_epoch,
             epochs=epochs,
             callbacks=callbacks,
             verbose=self.verbose,
-            shuffle=False,  # the dataset is already shuffled, with the seed
+            shuffle=False,  # the stream is already shuffled, with the seed
         )
 
     def _optimizer(self, adapted: AdaptedModel, steps_per_epoch: int) -> Any:
@@ -280,17 +330,17 @@ def _backbone_factors(adapted: AdaptedModel, multiplier: float, decay: float) ->
     return factors
 
 
-def _batches(dataset: Any, batch_size: int, task: str, augmentation: Any) -> Any:
+def _prepared(batches: Any, task: str, augmentation: Any) -> Any:
+    """Labels in the loss's shape and, for training batches, the augmentation."""
     import tensorflow as tf
 
-    dataset = dataset.batch(batch_size)
     if task == "binary":
-        dataset = dataset.map(lambda x, y: (x, tf.cast(tf.reshape(y, [-1, 1]), tf.float32)))
+        batches = batches.map(lambda x, y: (x, tf.cast(tf.reshape(y, [-1, 1]), tf.float32)))
     if augmentation is not None:
-        dataset = dataset.map(
+        batches = batches.map(
             lambda x, y: (augmentation(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
         )
-    return dataset
+    return batches
 
 
 def _loss(task: str, num_classes: int, label_smoothing: float) -> Any:

@@ -115,8 +115,34 @@ class ExportResult:
         paths: format name -> path of the artifact (`{"saved_model": Path(...)}`).
         max_abs_diff: format name -> largest difference between the reloaded artifact's
             predictions and the in-memory model's on the test images.
+        accuracy_delta: format name -> the artifact's accuracy minus the in-memory model's
+            on the same images (`tflite`, where quantization may cost accuracy).
     """
 
     root: Path
     paths: dict[str, Path]
     max_abs_diff: dict[str, float]
+    accuracy_delta: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """`export_<format>_max_abs_diff` and `export_<format>_accuracy_delta`, for MLflow."""
+        return {
+            **{f"export_{name}_max_abs_diff": value for name, value in self.max_abs_diff.items()},
+            **{f"export_{name}_accuracy_delta": value for name, value in self.accuracy_delta.items()},
+        }
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What the evaluate stage produces.
+
+    Args:
+        metrics: flat scalar metrics named by split (`test_accuracy`, `val_macro_f1`,
+            `test_f1_<class>`), ready for `metrics.json` and MLflow.
+        artifacts: the files it wrote (confusion matrices as JSON and PNG, training
+            curves), to log beside the metrics.
+    """
+
+    metrics: dict[str, float]
+    artifacts: tuple[Path, ...] = ()

@@ -126,3 +126,35 @@ def test_mlp_without_batch_norm_or_dropout():
     assert [layer.units for layer in _layers_of(head, "Dense")] == [4, 5]
     p = head.predict(_features((6,)), verbose=0)
     assert p.shape == (16, 5) and np.all((p > 0) & (p < 1))
+
+
+class CosineHead:
+    """A user's own head, outside the package: anything with `build(...) -> keras.Model`."""
+
+    def __init__(self, scale: float = 10.0):
+        self.scale = scale
+
+    def build(self, feature_shape, num_classes, task):
+        import keras
+
+        features = keras.Input(feature_shape)
+        normalized = keras.layers.UnitNormalization()(features)
+        logits = keras.layers.Dense(num_classes, use_bias=False)(normalized)
+        scaled = keras.layers.Rescaling(self.scale)(logits)
+        return keras.Model(features, keras.layers.Softmax(dtype="float32")(scaled), name="head")
+
+
+def test_a_custom_head_class_builds_through_target(hub_model_dir):
+    from hydra.utils import instantiate
+
+    from pipeline.adapt import adapt
+    from pipeline.freeze import FreezeAll
+    from pipeline.sources.hub import HubSource
+
+    head = instantiate({"_target_": "test_heads.CosineHead", "scale": 5.0})
+    source = HubSource(handle=str(hub_model_dir), input_shape=[8, 8, 1]).load()
+    adapted = adapt(source, head, FreezeAll(), ("a", "b", "c", "d"), (8, 8, 1), "multiclass")
+    probabilities = adapted.model.predict(np.zeros((2, 8, 8, 1), "float32") + 100, verbose=0)
+    assert probabilities.shape == (2, 4)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert adapted.head.get_layer(index=-1).__class__.__name__ == "Softmax"

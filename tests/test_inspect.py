@@ -83,6 +83,12 @@ def test_default_digits_source(tmp_path):
     assert "input shape:       (8, 8, 1)" in out and "preprocessing:     unit" in out
     assert "serving_default\n      inputs:  images: shape=(None, 8, 8, 1) dtype=float32" in out
     assert "__call__(inputs, training=False, mask=None): takes training" in out
+    # The freeze units, top first, as freeze=top_n counts them and freeze=regex matches them.
+    units = out[out.index("freeze units:"):].splitlines()
+    assert units[0].startswith("freeze units:      ")
+    assert units[0].split()[2] == "6"
+    assert units[1].split() == ["6", "batch_normalization_2", "(BatchNorm)"]
+    assert units[2].split() == ["5", "conv2d_2"]
 
 
 def test_a_pinned_source_shows_no_trainable_parameters(keras_export):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.tracking import MlflowTracker, absolute_uri
@@ -122,3 +126,92 @@ def test_an_empty_uri_names_the_key():
 
     with pytest.raises(ConfigError, match=r"tracking\.uri"):
         MlflowTracker(uri="")
+
+
+@pytest.fixture(scope="module")
+def logged_model(store, hub_model_dir, tmp_path_factory):
+    """`(adapted, export_root, run_id, model_uri)`: an export logged and registered as 'tiny'."""
+    from test_export import _adapted, _data, _images, _spread
+
+    from pipeline.export import Exporter
+
+    adapted = _adapted(hub_model_dir)
+    _spread(adapted, seed=1)
+    root = Exporter().export(adapted, _data(_images()), tmp_path_factory.mktemp("logged") / "export").root
+    with _tracker(store, "models", register_as="tiny").run(params={}, tags={}) as run:
+        model_uri = run.log_model(root)
+    return adapted, root, run.run_id, model_uri
+
+
+def test_log_model_registers_a_pyfunc_with_signature_and_input_example(store, logged_model):
+    import mlflow
+
+    adapted, root, run_id, model_uri = logged_model
+    assert model_uri == "models:/tiny/1"
+    client = _client(store)
+    (version,) = client.search_model_versions("name='tiny'")
+    assert str(version.version) == "1" and version.run_id == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    try:
+        for uri in (model_uri, f"runs:/{run_id}/model"):
+            model = mlflow.pyfunc.load_model(uri)
+            inputs = model.metadata.get_input_schema().inputs[0]
+            assert inputs.type.name == "float32" and inputs.shape == (-1, -1, -1, 1)
+            assert model.metadata.get_output_schema().input_names() == [
+                "class_name", "probability", "probabilities"
+            ]
+            example = model.input_example
+            np.testing.assert_array_equal(example, np.load(root / "input_example.npy")[:1])
+            images = _images_for_model()
+            frame = model.predict(images)
+            expected = adapted.model.predict(images, verbose=0)
+            np.testing.assert_allclose(np.stack(frame["probabilities"]), expected, atol=1e-5)
+            assert list(frame["class_name"]) == [("cat", "dog", "eel")[i] for i in expected.argmax(1)]
+            np.testing.assert_allclose(frame["probability"], expected.max(1), atol=1e-5)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def _images_for_model():
+    from test_export import _images
+
+    return _images(6, seed=20)
+
+
+def test_mlflow_models_predict_serves_the_logged_model(store, logged_model, tmp_path):
+    import json
+
+    adapted, root, run_id, _ = logged_model
+    images = _images_for_model()
+    (tmp_path / "input.json").write_text(json.dumps({"inputs": images.tolist()}))
+    cli = Path(sys.executable).parent / "mlflow"
+    done = subprocess.run(
+        [str(cli), "models", "predict", "-m", f"runs:/{run_id}/model", "-i", str(tmp_path / "input.json"),
+         "-t", "json", "-o", str(tmp_path / "output.json"), "--env-manager", "local"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    predictions = json.loads((tmp_path / "output.json").read_text())["predictions"]
+    expected = adapted.model.predict(images, verbose=0)
+    np.testing.assert_allclose([p["probabilities"] for p in predictions], expected, atol=1e-5)
+
+
+def test_log_model_needs_a_saved_model(store, tmp_path):
+    from pipeline.errors import ExportError
+
+    (tmp_path / "export").mkdir()
+    with pytest.raises(ExportError, match=r"no saved_model/.*export\.formats"):
+        with _tracker(store, "no-model").run(params={}, tags={}) as run:
+            run.log_model(tmp_path / "export")
+
+
+def test_a_bad_register_as_names_the_key():
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tracking\.register_as='a/b'"):
+        MlflowTracker(uri="sqlite:///x.db", register_as="a/b")

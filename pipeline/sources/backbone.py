@@ -34,6 +34,10 @@ class PinnedModel(keras.layers.Wrapper):
     def trainable(self, value: bool) -> None:
         keras.layers.Layer.trainable.fset(self, bool(value) and not getattr(self, "_pinned", False))
 
+    def unpin(self) -> None:
+        """Undo a pin read back from a saved model, so that `trainable` may be set again."""
+        self._pinned = False
+
     def call(self, inputs, training=None):
         return self.layer(inputs, training=bool(training) and self.trainable)
 

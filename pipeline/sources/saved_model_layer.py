@@ -7,10 +7,16 @@ This layer makes Keras track the very `tf.Variable`s that the restored functions
 each is wrapped in a Keras variable whose storage *is* the restored variable. Gradients,
 optimizer updates, BatchNorm moving statistics, checkpoints and exports then all see one
 set of weights.
+
+A `.keras` file of a model holding this layer is self-contained: the SavedModel is stored
+inside the archive (`save_assets`) and the trained values beside it, as for any layer, so
+the file loads after the source directory has moved or gone.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Any
 
 import keras
@@ -38,6 +44,10 @@ def _no_initializer(shape, dtype=None):  # never called: _initialize keeps the a
     raise AssertionError("an aliased variable is never initialized")
 
 
+# `from_config` passes this as `loaded`: the SavedModel arrives later, from the archive.
+_DEFERRED = object()
+
+
 def _keras_name(variable: tf.Variable) -> str:
     return variable.name.split(":")[0].replace("/", "__")
 
@@ -52,8 +62,11 @@ class SavedModelLayer(keras.layers.Layer):
             functions take no `training` argument, so BatchNorm and dropout stay in
             inference mode.
         output_key: the key to take when the called function returns a dict.
-        loaded: the object from `tf.saved_model.load`; loaded from `handle` when omitted
-            (as when Keras rebuilds the layer from its config).
+        loaded: the object from `tf.saved_model.load`; loaded from `handle` when omitted.
+            Keras rebuilding the layer from a `.keras` file restores the SavedModel stored
+            in the file instead, so the file works without `handle`.
+        output_shape, output_dtype: one feature output (without the batch axis), written to
+            the config so that Keras can rebuild the model before the SavedModel is back.
         trainable: whether the optimizer may change the SavedModel's trainable variables.
             When false, the model is also called in inference mode, so BatchNorm moving
             statistics stay fixed, and the layer is pinned: setting `trainable` later (as
@@ -70,6 +83,8 @@ class SavedModelLayer(keras.layers.Layer):
         signature: str | None = None,
         output_key: str | None = None,
         loaded: Any = None,
+        output_shape: list[int | None] | None = None,
+        output_dtype: str = "float32",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -81,20 +96,41 @@ class SavedModelLayer(keras.layers.Layer):
         self.handle = handle
         self.signature = signature
         self.output_key = output_key
-        self._loaded = loaded if loaded is not None else tf.saved_model.load(handle)
-        if signature is None:
-            self._function = self._loaded
+        # One feature output's shape (no batch axis), recorded when the layer is first
+        # called symbolically; lets Keras rebuild the model before the SavedModel is back.
+        self._output_shape = tuple(output_shape) if output_shape is not None else None
+        self._output_dtype = output_dtype
+        self._loaded = None
+        self._pending_values = None
+        if loaded is not _DEFERRED:
+            self._attach(loaded if loaded is not None else tf.saved_model.load(handle))
+        self.built = True
+
+    @classmethod
+    def from_config(cls, config):
+        if config.get("output_shape") is None:  # a file from before the SavedModel was embedded
+            return super().from_config(config)
+        return super().from_config({**config, "loaded": _DEFERRED})
+
+    def _attach(self, loaded: Any) -> None:
+        """Call `loaded` from now on and track the variables its functions read."""
+        self._loaded = loaded
+        if self.signature is None:
+            self._function = loaded
             self._accepts_training = True
         else:
-            self._function = self._loaded.signatures[signature]
+            self._function = loaded.signatures[self.signature]
             self._input_name = _single_input_name(self._function)
             self._accepts_training = False
-        variables = getattr(self._loaded, "variables", None)
-        if variables is None or signature is not None:
+        variables = getattr(loaded, "variables", None)
+        if variables is None or self.signature is not None:
             variables = self._function.variables
+        locked = self._tracker.locked
+        self._tracker.unlock()
         for variable in _unique(variables):
             self._track_variable(_AliasVariable(variable, _keras_name(variable)))
-        self.built = True
+        if locked:
+            self._tracker.lock()
 
     @property
     def trainable(self) -> bool:
@@ -109,7 +145,17 @@ class SavedModelLayer(keras.layers.Layer):
         """The restored SavedModel object (for inspection and export)."""
         return self._loaded
 
+    def unpin(self) -> None:
+        """Undo a pin read back from a saved model, so that `trainable` may be set again."""
+        self._pinned = False
+
     def call(self, inputs, training=None):
+        if self._loaded is None:
+            raise ValueError(
+                f"SavedModelLayer {self.name!r} (handle {self.handle!r}) was rebuilt from its "
+                "config without its SavedModel; load the whole model with "
+                "`keras.saving.load_model`, which restores the SavedModel stored in the file."
+            )
         training = bool(training) and self.trainable and not self.inference_mode
         if self.signature is not None:
             outputs = self._function(**{self._input_name: inputs})
@@ -142,12 +188,16 @@ class SavedModelLayer(keras.layers.Layer):
         return outputs
 
     def compute_output_spec(self, inputs, training=None):
+        if self._loaded is None:  # rebuilt from a config; the SavedModel is not back yet
+            return keras.KerasTensor((inputs.shape[0], *self._output_shape), dtype=self._output_dtype)
         # Keras traces symbolic calls itself; the SavedModel's functions need TF tensors.
         # Tracing (not running) the call also works on distributed variables, which may
         # only be read inside a replica context.
         spec = tf.TensorSpec(shape=(None, *inputs.shape[1:]), dtype=inputs.dtype)
         traced = tf.function(lambda x: self.call(x, training=False)).get_concrete_function(spec)
         outputs = traced.structured_outputs
+        self._output_shape = tuple(outputs.shape[1:])
+        self._output_dtype = outputs.dtype.name
         return keras.KerasTensor((inputs.shape[0], *outputs.shape[1:]), dtype=outputs.dtype.name)
 
     def get_config(self):
@@ -156,7 +206,40 @@ class SavedModelLayer(keras.layers.Layer):
             "handle": self.handle,
             "signature": self.signature,
             "output_key": self.output_key,
+            "output_shape": list(self._output_shape) if self._output_shape is not None else None,
+            "output_dtype": self._output_dtype,
         }
+
+    # The .keras format: the SavedModel goes into the archive's assets and the trained
+    # values into its weights file (as for any layer), so the file needs no source folder.
+
+    def save_assets(self, dir_path):
+        if os.path.isfile(os.path.join(self.handle, "saved_model.pb")):
+            # A file copy: cheap enough for a checkpoint after every epoch.
+            shutil.copytree(self.handle, dir_path, dirs_exist_ok=True)
+        else:  # the source folder is gone (this layer came from a .keras file itself)
+            tf.saved_model.save(self._loaded, dir_path)
+
+    def load_own_variables(self, store):
+        if self._loaded is None:  # called before `load_assets` brings the SavedModel back
+            self._pending_values = [store[str(i)] for i in range(len(store.keys()))]
+        else:
+            super().load_own_variables(store)
+
+    def load_assets(self, dir_path):
+        if self._loaded is not None:
+            return  # an old file, built from its handle
+        self._attach(tf.saved_model.load(dir_path))
+        values = self._pending_values or []
+        variables = self._trainable_variables + self._non_trainable_variables
+        if len(values) != len(variables):
+            raise ValueError(
+                f"SavedModelLayer {self.name!r}: the file holds {len(values)} values but its "
+                f"embedded SavedModel has {len(variables)} variables; the file is damaged."
+            )
+        for variable, value in zip(variables, values):
+            variable.assign(value)
+        self._pending_values = None
 
 
 def _single_input_name(function) -> str:

@@ -1,0 +1,123 @@
+"""Groups the jobs of a Hydra multirun under one MLflow parent run, and reports failures.
+
+Hydra calls this in the process that launches the jobs (`hydra.callbacks` in
+conf/hydra/default.yaml). The parent run's id reaches the jobs through the environment,
+which the basic launcher shares and the joblib, submitit and Ray launchers pass on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+PARENT_RUN_ENV = "PIPELINE_PARENT_RUN_ID"
+JOBS_FILE = "jobs.jsonl"  # one line per finished job, in the sweep directory
+log = logging.getLogger("pipeline")
+
+
+class MlflowSweep(Callback):
+    """Opens a parent run before a multirun's jobs and closes it, with a report, after them.
+
+    Each job's own run is a child (`mlflow.parentRunId`), so the MLflow UI shows the sweep
+    as one expandable group. Each job's outcome is also appended to `jobs.jsonl` in the
+    sweep directory, so jobs that failed before opening a run (a bad config value) count
+    too. After the last job the parent gets the best value of `optimized_metric`, the
+    numbers of jobs and failed jobs, and FINISHED (or FAILED if any job failed); the failed
+    jobs are listed with their overrides and errors, and the command exits 1.
+
+    Example:
+        >>> # conf/hydra/default.yaml
+        >>> # callbacks: {mlflow_sweep: {_target_: pipeline.sweep.MlflowSweep}}
+    """
+
+    def __init__(self) -> None:
+        self._parent: str | None = None
+        self._tracker: Any = None
+        self._objective: str | None = None
+        self._report: Any = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import atexit
+
+        from hydra.utils import instantiate
+
+        from pipeline.provenance import environment_tags
+
+        _optuna_storage_on_sqlalchemy2()
+        self._tracker = instantiate(config.tracking)
+        self._objective = config.get("optimized_metric")
+        self._jobs_file = Path(str(config.hydra.sweep.dir)) / JOBS_FILE
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        tags = {**environment_tags(), "sweep_dir": str(sweep_dir), "sweep": "true"}
+        self._parent = self._tracker.open_parent(name=f"sweep {sweep_dir.name}", tags=tags)
+        os.environ[PARENT_RUN_ENV] = self._parent
+        log.info("sweep parent run %s", self._parent)
+        # The basic sweeper re-raises a failed job's error after the batch, skipping
+        # on_multirun_end; the parent run is then closed as the process exits.
+        atexit.register(self._close)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """Record each job's outcome, also of jobs that failed before opening an MLflow run."""
+        from hydra.types import RunMode
+
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        failed = job_return.status.name == "FAILED"
+        error = job_return._return_value if failed else None
+        line = {
+            "job": config.hydra.job.num,
+            "overrides": " ".join(config.hydra.overrides.task),
+            "status": job_return.status.name,
+            "error": f"{type(error).__name__}: {error}" if error is not None else "",
+        }
+        path = Path(str(config.hydra.sweep.dir)) / JOBS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:  # one short append per job: safe across processes
+            handle.write(json.dumps(line) + "\n")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        report = self._close()
+        if report is not None and report.failed:
+            raise SystemExit(1)
+
+    def _close(self) -> Any:
+        if self._parent is not None and self._report is None:
+            os.environ.pop(PARENT_RUN_ENV, None)
+            jobs = []
+            if self._jobs_file.exists():
+                jobs = [json.loads(line) for line in self._jobs_file.read_text().splitlines() if line]
+            self._report = self._tracker.close_parent(self._parent, self._objective, jobs)
+            print(self._report.text(), flush=True)
+        return self._report
+
+
+def _optuna_storage_on_sqlalchemy2() -> None:
+    """Let Optuna 2's persistent study storage work on SQLAlchemy 2.
+
+    hydra-optuna-sweeper pins optuna<3, whose RDB storage stamps its schema version on a
+    connection it never commits; SQLAlchemy 2 (which `mlflow server` needs) no longer
+    autocommits, so a new storage fails its own version check. Committing the stamp is
+    the whole fix. `test_optuna_search_runs_trials_and_continues_its_stored_study` covers it.
+    """
+    try:
+        import alembic.migration
+        import optuna
+        from optuna.storages._rdb.storage import _VersionManager
+    except ImportError:
+        return
+    if not optuna.__version__.startswith("2."):
+        return
+
+    def _set_alembic_revision(self, revision: str) -> None:
+        with self.engine.begin() as connection:
+            alembic.migration.MigrationContext.configure(connection).stamp(
+                self._create_alembic_script(), revision
+            )
+
+    _VersionManager._set_alembic_revision = _set_alembic_revision
