@@ -76,6 +76,11 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         self._full_model = model  # the whole model, also while a cached phase fits the head
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.model is not self._full_model and epoch + 1 < self.params["epochs"]:
+            # A head-only epoch on cached features takes milliseconds, saving the whole
+            # model far longer: save the cached phase's last epoch only. A resume then
+            # repeats at most those cheap epochs.
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         partial = self.directory / ".last.partial.keras"
         self._full_model.save(partial)

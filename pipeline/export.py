@@ -205,3 +205,15 @@ def _accuracy(probabilities, labels, task) -> float:
         return float(np.mean(np.argmax(probabilities, axis=1) == labels))
     predicted = probabilities > 0.5
     return float(np.mean(predicted == (labels.reshape(predicted.shape) > 0.5)))
+
+
+class NoExport:
+    """Writes nothing: for sweep jobs, which are scored only; rerun the winner to export it.
+
+    Example:
+        >>> NoExport().export(adapted, data, Path("run/export")).paths
+        {}
+    """
+
+    def export(self, adapted: AdaptedModel, data: DataBundle, destination: Path) -> ExportResult:
+        return ExportResult(root=Path(destination), paths={}, max_abs_diff={})

@@ -30,7 +30,9 @@ def backbone_fingerprint(backbone: Any) -> str:
     """A digest of what determines the backbone's outputs: structure, weights, precision."""
     digest = hashlib.sha256()
     for layer in _all_layers(backbone):
-        config = {"class": type(layer).__name__, "name": layer.name, "dtype": layer.dtype_policy.name}
+        # Not layer.name: Keras numbers auto-named layers per process (input_layer_1, ...),
+        # which gave every sweep job after the first a new key.
+        config = {"class": type(layer).__name__, "dtype": layer.dtype_policy.name}
         for key in ("mode", "handle", "signature", "output_key"):  # preprocessing, SavedModels
             if hasattr(layer, key):
                 config[key] = str(getattr(layer, key))

@@ -125,7 +125,8 @@ def run(cfg: DictConfig, rerun_of: tuple[str, Mapping[str, str]] | None = None) 
         tracked.log_artifact(metrics_file)
         for path in evaluation.artifacts:
             tracked.log_artifact(path, "evaluation")
-        tracked.log_artifact(exported.root, "export")
+        if exported.paths:  # export=none writes nothing
+            tracked.log_artifact(exported.root, "export")
         model_uri = tracked.log_model(exported.root) if "saved_model" in exported.paths else None
     _print_summary(metrics, exported, tracked, model_uri)
     return metrics
@@ -248,7 +249,7 @@ def _print_summary(metrics: dict[str, float], exported, tracked, model_uri: str 
     lines = [
         "",
         "Test metrics: " + "  ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in shown.items()),
-        f"Export:       {exported.root}",
+        f"Export:       {exported.root if exported.paths else 'none (export=none)'}",
         f"MLflow run:   {tracked.run_id} (experiment '{tracked.experiment}')",
     ]
     if model_uri:

@@ -152,3 +152,29 @@ def test_a_partial_entry_left_by_a_killed_job_is_never_read(tmp_path, hub_model_
     (tmp_path / f".partial-{key}-deadbeef" / "train").mkdir(parents=True)  # a killed writer's leftovers
     splits, hit = cache.load_or_compute(backbone, data)
     assert not hit and sum(1 for _ in splits["train"]) == data.num_examples["train"]
+
+
+def test_the_same_source_built_twice_in_one_process_has_one_key(tmp_path, hub_model_dir):
+    # Keras numbers auto-named layers per process (input_layer, input_layer_1, ...); sweep
+    # jobs in one process must still share the cache.
+    data = DigitsData(classes=[5, 6, 7]).load()
+    cache = FeatureCache(tmp_path)
+    keys = {cache.key(_source(hub_model_dir).backbone, data.fingerprint) for _ in range(3)}
+    assert len(keys) == 1
+
+
+def test_head_only_epochs_checkpoint_once_at_the_end_of_the_cached_phase(tmp_path, hub_model_dir, monkeypatch):
+    import json
+
+    saves = []
+    import keras
+
+    original = keras.Model.save
+    monkeypatch.setattr(keras.Model, "save", lambda self, path, *a, **k: (saves.append(path), original(self, path, *a, **k)))
+    trainer = _trainer(tmp_path, epochs=4, checkpoint=True)
+    with trainer.distribute():
+        data = DigitsData(classes=[5, 6, 7]).load()
+        adapted = adapt(_source(hub_model_dir), LinearHead(), FreezeAll(), data.class_names, data.input_shape, data.task)
+        trainer.fit(adapted, data, on_epoch_end=lambda e, logs: None, checkpoint_dir=tmp_path / "checkpoints")
+    assert len(saves) == 1
+    assert json.loads((tmp_path / "checkpoints" / "state.json").read_text())["epochs_completed"] == 4
