@@ -208,7 +208,7 @@ def _accuracy(probabilities, labels, task) -> float:
 
 
 class NoExport:
-    """Writes nothing: for sweep jobs, which are scored only; rerun the winner to export it.
+    """Writes nothing: for sweep jobs, which are scored only; run the winner's overrides to export.
 
     Example:
         >>> NoExport().export(adapted, data, Path("run/export")).paths
