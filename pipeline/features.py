@@ -28,8 +28,10 @@ SPLITS = ("train", "val")
 
 def backbone_fingerprint(backbone: Any) -> str:
     """A digest of what determines the backbone's outputs: structure, weights, precision."""
+    from pipeline.sources.backbone import walk_layers
+
     digest = hashlib.sha256()
-    for layer in _all_layers(backbone):
+    for layer in walk_layers(backbone):
         # Not layer.name: Keras numbers auto-named layers per process (input_layer_1, ...),
         # which gave every sweep job after the first a new key.
         config = {"class": type(layer).__name__, "dtype": layer.dtype_policy.name}
@@ -41,13 +43,6 @@ def backbone_fingerprint(backbone: Any) -> str:
         digest.update(str(tuple(variable.shape)).encode())
         digest.update(variable.numpy().tobytes())
     return digest.hexdigest()
-
-
-def _all_layers(model: Any):
-    inner = getattr(model, "layers", None) or ([model.layer] if hasattr(model, "layer") else [])
-    for layer in inner:  # nested models, and models inside wrappers (PinnedModel)
-        yield layer
-        yield from _all_layers(layer)
 
 
 class FeatureCache:

@@ -33,11 +33,12 @@ example: python -m pipeline.inspect source=saved_model source.path=/models/x sou
 
 def describe_source(source: SourceModel) -> str:
     """Plain text about a loaded source: shapes, preprocessing, counts, SavedModel signatures."""
+    from pipeline.sources.backbone import walk_layers
     from pipeline.sources.saved_model_layer import SavedModelLayer
     from pipeline.sources.signatures import describe_call, describe_signatures, format_signatures
 
     backbone = source.backbone
-    layers = list(_walk_layers(backbone))
+    layers = list(walk_layers(backbone))
     trainable = _count(backbone.trainable_weights)
     non_trainable = _count(backbone.non_trainable_weights)
     lines = [
@@ -138,13 +139,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     print(text, flush=True)
-
-
-def _walk_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _walk_layers(layer)
 
 
 def _count(weights) -> int:

@@ -167,9 +167,7 @@ class Trainer:
             UnfreezeCallback,
         )
 
-        replicas = self._strategy.num_replicas_in_sync if self._strategy else 1
-        global_batch = self.batch_size * replicas
-        steps_per_epoch = max(math.ceil(data.num_examples.get("train", 1) / global_batch), 1)
+        global_batch, steps_per_epoch = self._steps(data)
         optimizer = self._optimizer(adapted, steps_per_epoch)
         self._compile(adapted.model, adapted, optimizer)
         first_epoch = self._restore(adapted, resume) if resume is not None else 0
@@ -236,6 +234,12 @@ class Trainer:
         log.info("resuming after epoch %d from %s", first_epoch, checkpoint_dir)
         return first_epoch
 
+    def _steps(self, data: DataBundle) -> tuple[int, int]:
+        """The global batch (per-replica batch x replicas) and the steps per epoch."""
+        replicas = self._strategy.num_replicas_in_sync if self._strategy else 1
+        batch = self.batch_size * replicas
+        return batch, max(math.ceil(data.num_examples.get("train", 1) / batch), 1)
+
     def _cache_plan(self, adapted: AdaptedModel, data: DataBundle) -> tuple[int, str]:
         """How many leading epochs train the head on cached features, and why (not)."""
         if not self.feature_cache:
@@ -263,9 +267,7 @@ class Trainer:
     def _fit(self, model, train, val, task, augmentation, callbacks, initial_epoch, epochs, data) -> Any:
         import tensorflow as tf
 
-        replicas = self._strategy.num_replicas_in_sync if self._strategy else 1
-        batch = self.batch_size * replicas
-        steps = max(math.ceil(data.num_examples.get("train", 1) / batch), 1)
+        batch, steps = self._steps(data)
 
         # Epoch e is shuffled with seed + e, whatever ran before it in this process, so a
         # resumed run sees the batches an uninterrupted one would. One flat stream: Keras

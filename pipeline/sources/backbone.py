@@ -45,6 +45,14 @@ class PinnedModel(keras.layers.Wrapper):
         return self.layer.compute_output_shape(input_shape)
 
 
+def walk_layers(model):
+    """Every layer inside `model`, depth first: nested models and models inside wrappers."""
+    inner = getattr(model, "layers", None) or ([model.layer] if hasattr(model, "layer") else [])
+    for layer in inner:
+        yield layer
+        yield from walk_layers(layer)
+
+
 def build_backbone(
     extractor: keras.layers.Layer,
     input_shape: tuple[int, ...],
