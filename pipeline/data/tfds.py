@@ -103,18 +103,35 @@ class TfdsData:
                                    self.augmentation, (), fingerprint)
 
     def _builder(self, tfds):
+        where = f"data.data_dir={self.data_dir!r}"
         try:
             builder = tfds.builder(self.name, data_dir=self.data_dir)
-        except Exception as error:  # DatasetNotFoundError and friends vary across versions
+        except tfds.core.registered.DatasetNotFoundError as error:
+            base, _, version = self.name.partition(":")
+            versions = _prepared_versions(self.data_dir, base)
+            if version and versions:
+                raise DataError(
+                    f"data.name={self.name!r}: version {version} of {base!r} is not prepared in "
+                    f"{where}; the prepared versions are {versions}. Set data.name={base}:<version> "
+                    f"to one of them, or data.name={base} for the newest."
+                ) from None
             raise DataError(
-                f"data.name={self.name!r} is not a TFDS data set ({error}). Check the name in "
-                "the TFDS catalog."
+                f"data.name={self.name!r} is not in the TFDS catalog and {where} holds no prepared "
+                f"copy of it (expected {base}/<version>/dataset_info.json under it). Check the "
+                "spelling against the TFDS catalog, or point data.data_dir at the directory that "
+                f"holds {base}/."
+            ) from None
+        except Exception as error:  # a bad version, a broken dataset_info.json, ...
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DataError(
+                f"data.name={self.name!r} cannot be loaded from {where}: {first_line}. Fix the name "
+                "or version, or re-prepare the data set."
             ) from error
         if not _is_prepared(builder):
             if not self.download:
                 raise DataError(
-                    f"data.name={self.name!r} is not prepared in data.data_dir={self.data_dir!r} "
-                    f"({builder.data_dir}). Point data.data_dir at a prepared copy, or set "
+                    f"data.name={self.name!r} is not prepared in {where} ({builder.data_dir} "
+                    "holds no dataset_info.json). Point data.data_dir at a prepared copy, or set "
                     "data.download=true once (needs the network)."
                 )
             builder.download_and_prepare()
@@ -161,6 +178,16 @@ def _import_tfds():
             "data.data_dir at a prepared copy), or use data=image_folder, csv or tfrecord."
         ) from error
     return tfds
+
+
+def _prepared_versions(data_dir: str | None, base: str) -> list[str]:
+    """The version folders under `data_dir/base` that hold a dataset_info.json."""
+    import tensorflow as tf
+
+    if not data_dir or not tf.io.gfile.isdir(f"{data_dir}/{base}"):
+        return []
+    return sorted(v.rstrip("/") for v in tf.io.gfile.listdir(f"{data_dir}/{base}")
+                  if tf.io.gfile.exists(f"{data_dir}/{base}/{v.rstrip('/')}/dataset_info.json"))
 
 
 def _is_prepared(builder) -> bool:
