@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.types import AdaptedModel, DataBundle, EvaluationResult
@@ -57,8 +58,14 @@ class Evaluator:
         data: DataBundle,
         output_dir: Path | None = None,
         history: Mapping[str, Sequence[float]] | None = None,
+        features: Mapping[str, Any] | None = None,
     ) -> EvaluationResult:
-        """Metrics for each split; with `output_dir`, also confusion matrices and curves there."""
+        """Metrics for each split; with `output_dir`, also confusion matrices and curves there.
+
+        `features` (`TrainResult.features`): the frozen backbone's cached outputs per split;
+        a split found there is scored by the head alone on them, the same numbers as the
+        full model without running the backbone again.
+        """
         import numpy as np
 
         from pipeline import plots
@@ -70,13 +77,15 @@ class Evaluator:
         artifacts: list[Path] = []
         names = metric_names(adapted.class_names)
         for split in self.splits:
-            dataset = getattr(data, split).batch(self.batch_size)
+            cached = features is not None and split in features
+            model = adapted.head if cached else adapted.model
+            dataset = (features[split] if cached else getattr(data, split)).batch(self.batch_size)
             batches = [y.numpy() for _, y in dataset]
             if not batches:  # e.g. data.val_split=0: nothing to score (Keras' predict fails)
                 log.warning("evaluate: the %s split is empty; no %s_* metrics", split, split)
                 continue
             labels = np.concatenate(batches)
-            probabilities = adapted.model.predict(dataset.map(_images_only), verbose=0)
+            probabilities = model.predict(dataset.map(_inputs_only), verbose=0)
             metrics.update(_scores(split, probabilities, labels, adapted.task, self.top_k))
             metrics.update(_class_scores(split, probabilities, labels, adapted.task, names))
             if output_dir is not None:
@@ -88,8 +97,8 @@ class Evaluator:
         return EvaluationResult(metrics=metrics, artifacts=tuple(artifacts))
 
 
-def _images_only(images, labels):
-    return images
+def _inputs_only(inputs, labels):
+    return inputs
 
 
 def metric_names(class_names: Sequence[str]) -> list[str]:

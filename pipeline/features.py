@@ -2,13 +2,14 @@
 
 While the backbone is frozen and the data is not augmented, each epoch would push every
 image through the same function again. Instead the backbone's outputs for the training and
-validation splits are computed once and stored with `tf.data.Dataset.save` (which streams to
-disk, so a split larger than memory is fine) under a key made of the backbone's fingerprint
-(its layers, weights, preprocessing and precision) and the data's. Later epochs, later runs
-and the jobs of a sweep with the same key read them back; a different key recomputes.
-Entries are written beside their final name and renamed into place, so a concurrent job
-never reads half an entry. The test split is always scored through the full model, as it
-is exported.
+validation and test splits are computed once and stored with `tf.data.Dataset.save` (which
+streams to disk, so a split larger than memory is fine) under a key made of the backbone's
+fingerprint (its layers, weights, preprocessing and precision) and the data's. Later epochs,
+later runs and the jobs of a sweep with the same key read them back; a different key
+recomputes. Entries are written beside their final name and renamed into place, so a
+concurrent job never reads half an entry. When the backbone never trained, the evaluate
+stage scores the head on the cached validation and test outputs too (the same numbers as the
+full model: the backbone is the one that made them); the export is always the full model.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("pipeline")
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+FORMAT = "2"  # entries of another layout are never read (1 had no test split)
 
 
 def backbone_fingerprint(backbone: Any) -> str:
@@ -60,7 +62,8 @@ class FeatureCache:
         self.computed_examples = 0  # backbone outputs computed by this instance (tests count them)
 
     def key(self, backbone: Any, data_fingerprint: str) -> str:
-        return hashlib.sha256(f"{backbone_fingerprint(backbone)}:{data_fingerprint}".encode()).hexdigest()[:32]
+        text = f"{FORMAT}:{backbone_fingerprint(backbone)}:{data_fingerprint}"
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def load_or_compute(self, backbone: Any, data: Any, batch_size: int = 64) -> tuple[dict[str, Any], bool]:
         """The cached `(features, label)` datasets of each split, and whether they were cached."""

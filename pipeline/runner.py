@@ -113,7 +113,8 @@ def run(cfg: DictConfig, rerun_of: tuple[str, Mapping[str, str]] | None = None) 
             adapted = build(data)
             adapted.model.set_weights(weights)
 
-        evaluation = stages["evaluate"].evaluate(adapted, data, output_dir / "evaluation", trained.history)
+        evaluation = stages["evaluate"].evaluate(adapted, data, output_dir / "evaluation", trained.history,
+                                                 features=None if weights is not None else trained.features)
         metrics = {**evaluation.metrics, "epochs_completed": float(trained.epochs_completed)}
         exported = stages["export"].export(adapted, data, output_dir / "export")
         metrics.update(exported.metrics)

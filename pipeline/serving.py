@@ -36,15 +36,18 @@ def write_saved_model(
     height, width, channels = input_shape
     names = tf.constant([str(name) for name in class_names])
 
-    def predict(images):
-        resized = tf.image.resize(images, (height, width))  # the identity at the model's size
-        return _outputs(model(resized, training=False), names, task)
+    # The model is traced once, at its own input size; the endpoints call that one function
+    # (a call op, not a copy of the graph), so writing and loading trace the network once.
+    @tf.function(input_signature=[tf.TensorSpec((None, *input_shape), tf.float32)], autograph=False)
+    def probabilities(images):
+        return model(images, training=False)
 
     def serve_float(images):
-        return predict(images)
+        resized = tf.image.resize(images, (height, width))  # the identity at the model's size
+        return _outputs(probabilities(resized), names, task)
 
     def serve_uint8(images):
-        return predict(tf.cast(images, tf.float32))
+        return serve_float(tf.cast(images, tf.float32))
 
     def serve_bytes(images):
         decoded = tf.map_fn(
@@ -52,7 +55,7 @@ def write_saved_model(
             images,
             fn_output_signature=tf.TensorSpec((height, width, channels), tf.float32),
         )
-        return _outputs(model(decoded, training=False), names, task)
+        return _outputs(probabilities(decoded), names, task)
 
     any_size = (None, None, None, channels)
     archive = keras.export.ExportArchive()

@@ -190,6 +190,7 @@ class Trainer:
                 checkpoint_dir = Path(scratch.name)
             callbacks.append(AtomicCheckpoint(Path(checkpoint_dir), adapted.model))
         histories = []
+        features = None
         try:
             if first_epoch < cached_epochs:
                 features, hit = FeatureCache(Path(self.feature_cache_dir)).load_or_compute(adapted.backbone, data)
@@ -218,7 +219,10 @@ class Trainer:
             for key, series in history.history.items():
                 values.setdefault(key, []).extend(float(v) for v in series)
         epochs = first_epoch + sum(len(h.epoch) for h in histories)
-        return TrainResult(values, epochs, weights_sha256(adapted.model), cache_status)
+        # The cached outputs still describe the model's backbone only if it never trained.
+        head_only = features is not None and epochs <= cached_epochs
+        return TrainResult(values, epochs, weights_sha256(adapted.model), cache_status,
+                           features if head_only else None)
 
     def _restore(self, adapted: AdaptedModel, checkpoint_dir: Path) -> int:
         """Load weights and optimizer state; replay the freeze schedule; the next epoch."""

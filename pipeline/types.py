@@ -6,6 +6,7 @@ objects are typed as `Any` so that importing this module stays cheap.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -99,12 +100,16 @@ class TrainResult:
         weights_sha256: a digest of every model weight after training, to compare runs
             and workers bit for bit.
         feature_cache: `hit`, `computed`, or why the cache was not used.
+        features: when every epoch trained the head alone on cached backbone outputs, those
+            outputs per split (`{"val": dataset of (features, label), ...}`), so that
+            evaluation need not run the unchanged backbone again; otherwise None.
     """
 
     history: dict[str, list[float]]
     epochs_completed: int
     weights_sha256: str = ""
     feature_cache: str = ""
+    features: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

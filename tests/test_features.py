@@ -59,7 +59,7 @@ def test_cache_counts_each_example_once_and_reads_back_the_backbone_outputs(tmp_
     backbone = _source(hub_model_dir).backbone
     cache = FeatureCache(tmp_path)
     splits, hit = cache.load_or_compute(backbone, data)
-    assert not hit and cache.computed_examples == data.num_examples["train"] + data.num_examples["val"]
+    assert not hit and cache.computed_examples == sum(data.num_examples[s] for s in ("train", "val", "test"))
     features = np.stack([f.numpy() for f, _ in splits["val"]])
     images = np.stack([x.numpy() for x, _ in data.val])
     np.testing.assert_allclose(features, backbone(images, training=False).numpy(), atol=1e-5)
@@ -120,6 +120,32 @@ def test_accuracy_with_and_without_the_cache_agrees(tmp_path, hub_model_dir):
         adapted.head.predict(adapted.backbone.predict(images, verbose=0), verbose=0),
         atol=1e-5,
     )
+
+
+def test_a_head_only_run_is_evaluated_on_the_cached_outputs_with_the_same_scores(tmp_path, hub_model_dir):
+    from dataclasses import replace
+
+    from pipeline.evaluate import Evaluator
+
+    adapted, result, data = _run(_trainer(tmp_path), hub_model_dir)
+    assert set(result.features) == {"train", "val", "test"}
+    through_backbone = Evaluator().evaluate(adapted, data).metrics
+
+    class NoFullModel:  # the backbone must not run again: only the head may be called
+        def predict(self, *args, **kwargs):
+            raise AssertionError("evaluation ran the full model although the cache holds the backbone outputs")
+
+    on_cache = Evaluator().evaluate(replace(adapted, model=NoFullModel()), data, features=result.features).metrics
+    assert on_cache.keys() == through_backbone.keys() and "test_accuracy" in on_cache
+    for name, value in through_backbone.items():
+        assert on_cache[name] == pytest.approx(value, abs=1e-5), name
+
+
+def test_cached_outputs_are_not_handed_on_once_the_backbone_trained(tmp_path, hub_model_dir):
+    _, gradual, _ = _run(_trainer(tmp_path, epochs=3), hub_model_dir, freeze=Gradual(epochs=[1], units_per_step=1))
+    assert gradual.feature_cache == "computed" and gradual.features is None
+    _, trains, _ = _run(_trainer(tmp_path, epochs=1), hub_model_dir, freeze=FreezeNone())
+    assert trains.features is None
 
 
 def test_cache_is_bypassed_when_the_backbone_trains_or_data_is_augmented(tmp_path, hub_model_dir):
