@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -115,19 +116,41 @@ def _bmp_problem(data: bytes, mode: str) -> str | None:
     return None
 
 
+# Scans this process made, by file identity: sweep jobs in one process (Hydra's basic
+# launcher) read an unchanged folder once. A rewritten file has a new size or mtime.
+_SCANNED: dict[tuple, ScannedFile] = {}
+_SCANNED_LIMIT = 500_000
+
+
 def scan_files(paths: Sequence[Path], check: bool = True) -> list[ScannedFile]:
-    """Size, content digest and (when `check`) the decode problem of each file, in order."""
+    """Size, content digest and (when `check`) the decode problem of each file, in order.
+
+    A file already scanned by this process, with the same size, mtime and inode, is not
+    read again.
+    """
 
     def one(path: Path) -> ScannedFile:
         try:
+            stat = path.stat()
+            identity = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, check)
+            if identity in _SCANNED:
+                return _SCANNED[identity]
             data = path.read_bytes()
         except OSError as error:
             return ScannedFile(str(path), 0, "", f"cannot be read ({error.strerror})")
         problem = image_problem(data) if check else None
-        return ScannedFile(str(path), len(data), hashlib.sha256(data).hexdigest(), problem)
+        scanned = ScannedFile(str(path), len(data), hashlib.sha256(data).hexdigest(), problem)
+        # Only files left alone for a while: a rewrite within the clock's granularity could
+        # keep size and mtime (git's "racily clean" problem).
+        if len(data) == stat.st_size and time.time_ns() - stat.st_mtime_ns > 2_000_000_000:
+            _SCANNED[identity] = scanned
+        return scanned
 
     with ThreadPoolExecutor(WORKERS) as pool:
-        return list(pool.map(one, paths))
+        found = list(pool.map(one, paths))
+    if len(_SCANNED) > _SCANNED_LIMIT:
+        _SCANNED.clear()
+    return found
 
 
 def check_blobs(blobs: Iterable[bytes]) -> list[str | None]:

@@ -1,0 +1,55 @@
+"""The pre-scan reads each unchanged file once per process; a changed file is read again."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from image_files import truncated_jpeg, write_image
+from pipeline.data import scan
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    counted: list[str] = []
+    original = Path.read_bytes
+
+    def read_bytes(self):
+        counted.append(self.name)
+        return original(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(scan, "_SCANNED", {})
+    return counted
+
+
+def _age(path: Path, seconds: float = 60) -> Path:
+    old = time.time() - seconds
+    os.utime(path, (old, old))
+    return path
+
+
+def test_an_unchanged_file_is_read_once_per_process(tmp_path, reads):
+    files = [_age(write_image(tmp_path / "a.png")), _age(truncated_jpeg(tmp_path / "b.jpg"))]
+    first = scan.scan_files(files)
+    second = scan.scan_files(files)
+    assert second == first and first[1].problem and not first[0].problem
+    assert sorted(reads) == ["a.png", "b.jpg"]  # the second scan read nothing
+
+
+def test_a_changed_file_is_read_again(tmp_path, reads):
+    path = _age(write_image(tmp_path / "a.png", colour=(10, 10, 10)))
+    before = scan.scan_files([path])[0]
+    truncated_jpeg(path)  # new bytes and size, a fresh mtime
+    after = scan.scan_files([path])[0]
+    assert after.sha256 != before.sha256 and after.problem and reads == ["a.png", "a.png"]
+
+
+def test_a_file_written_just_now_is_not_remembered(tmp_path, reads):
+    path = write_image(tmp_path / "fresh.png")  # its mtime is now: a same-size rewrite could hide
+    scan.scan_files([path])
+    scan.scan_files([path])
+    assert reads == ["fresh.png", "fresh.png"]
