@@ -252,9 +252,10 @@ def cache_probe(root: str, examples: int) -> None:
         ids = tf.data.Dataset.range(offset, offset + count)
         return ids.map(lambda i: (tf.random.stateless_uniform(shape, seed=tf.stack([i, 0]), maxval=255.0), i % 5))
 
-    val = max(1, examples // 10)
-    data = SimpleNamespace(train=images(examples - val, 0), val=images(val, examples), fingerprint=f"probe-{examples}",
-                           num_examples={"train": examples - val, "val": val})
+    val = test = max(1, examples // 10)
+    train = examples - val - test
+    data = SimpleNamespace(train=images(train, 0), val=images(val, train), test=images(test, train + val),
+                           fingerprint=f"probe-{examples}", num_examples={"train": train, "val": val, "test": test})
     features, _ = FeatureCache(Path(root)).load_or_compute(backbone, data)
     seen = sum(1 for _ in features["train"].batch(64))  # read back, as training would
     print(json.dumps({"examples": examples, "batches_read": seen}))
