@@ -19,6 +19,7 @@ the same machine. It asserts nothing.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -38,7 +39,7 @@ def devices() -> str:
              "print('; '.join(tf.config.experimental.get_device_details(g).get('device_name', g.name) "
              "for g in gpus) or 'CPU only')")
     done = subprocess.run([PYTHON, "-c", probe], capture_output=True, text=True,
-                          env={"TF_CPP_MIN_LOG_LEVEL": "3", **dict(__import__("os").environ)})
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else f"unknown ({done.stderr[-200:]})"
 
 

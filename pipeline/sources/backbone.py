@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import keras
 
+from pipeline.sources.pin import Pinnable
 from pipeline.sources.preprocess import PreprocessLayer
 from pipeline.types import SourceModel
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
-class PinnedModel(keras.layers.Wrapper):
+class PinnedModel(Pinnable, keras.layers.Wrapper):
     """Calls a Keras model as a layer; `trainable=False` at construction pins it.
 
     Args:
@@ -22,21 +23,9 @@ class PinnedModel(keras.layers.Wrapper):
 
     def __init__(self, layer, **kwargs):
         super().__init__(layer, **kwargs)
-        self._pinned = not self.trainable
+        self._pin_if_frozen()
         self.layer.trainable = self.trainable
         self.built = self.layer.built
-
-    @property
-    def trainable(self) -> bool:
-        return self._trainable
-
-    @trainable.setter
-    def trainable(self, value: bool) -> None:
-        keras.layers.Layer.trainable.fset(self, bool(value) and not getattr(self, "_pinned", False))
-
-    def unpin(self) -> None:
-        """Undo a pin read back from a saved model, so that `trainable` may be set again."""
-        self._pinned = False
 
     def call(self, inputs, training=None):
         return self.layer(inputs, training=bool(training) and self.trainable)

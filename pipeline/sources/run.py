@@ -212,10 +212,10 @@ def _unpin(backbone: Any) -> None:
     pinned source, or a SavedModel source that the earlier run froze) is rebuilt pinned.
     With `source.trainable=true` this run's freeze setting decides instead.
     """
-    from pipeline.sources.backbone import PinnedModel, walk_layers
-    from pipeline.sources.saved_model_layer import SavedModelLayer
+    from pipeline.sources.backbone import walk_layers
+    from pipeline.sources.pin import Pinnable
 
     for layer in walk_layers(backbone):
-        if isinstance(layer, (PinnedModel, SavedModelLayer)):
+        if isinstance(layer, Pinnable):
             layer.unpin()
     backbone.trainable = True  # reaches every sublayer, now that none refuses

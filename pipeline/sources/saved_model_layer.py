@@ -22,6 +22,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from pipeline.sources.pin import Pinnable
+
 
 class _AliasVariable(keras.Variable):
     """A Keras variable that uses an existing `tf.Variable` as its storage (no copy)."""
@@ -53,7 +55,7 @@ def _keras_name(variable: tf.Variable) -> str:
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
-class SavedModelLayer(keras.layers.Layer):
+class SavedModelLayer(Pinnable, keras.layers.Layer):
     """Calls a loaded TF2 SavedModel as a Keras 3 layer whose variables Keras trains.
 
     Args:
@@ -88,8 +90,7 @@ class SavedModelLayer(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        # `trainable=False` at construction pins the layer: no freeze setting unfreezes it.
-        self._pinned = not self.trainable
+        self._pin_if_frozen()  # `trainable=False` here: no freeze setting unfreezes it
         # Set by `freeze.batchnorm: frozen`: train the variables but call the model in
         # inference mode, so its BatchNorm moving statistics stay fixed.
         self.inference_mode = False
@@ -133,21 +134,9 @@ class SavedModelLayer(keras.layers.Layer):
             self._tracker.lock()
 
     @property
-    def trainable(self) -> bool:
-        return self._trainable
-
-    @trainable.setter
-    def trainable(self, value: bool) -> None:
-        keras.layers.Layer.trainable.fset(self, bool(value) and not getattr(self, "_pinned", False))
-
-    @property
     def loaded(self) -> Any:
         """The restored SavedModel object (for inspection and export)."""
         return self._loaded
-
-    def unpin(self) -> None:
-        """Undo a pin read back from a saved model, so that `trainable` may be set again."""
-        self._pinned = False
 
     def call(self, inputs, training=None):
         if self._loaded is None:
