@@ -3,6 +3,60 @@
 `python -m pipeline` composes `conf/` with Hydra and runs load -> adapt -> train ->
 evaluate -> export, logging to MLflow. Nothing here imports TensorFlow at import time,
 so config checks and `--help` answer fast.
+
+`import pipeline` is also all a consumer of an exported `model.keras` needs: this package's
+Keras layers are registered with Keras as soon as Keras is imported (now, if it already
+is), so `keras.saving.load_model("export/model.keras")` finds them.
 """
 
+import sys
+
 __version__ = "0.1.0"
+
+# The modules whose Keras layers an exported model can hold.
+KERAS_MODULES = (
+    "pipeline.data.layers",
+    "pipeline.sources.backbone",
+    "pipeline.sources.preprocess",
+    "pipeline.sources.saved_model_layer",
+)
+
+
+def register_keras_layers() -> None:
+    """Registers every Keras layer of this package with Keras (imports Keras)."""
+    import importlib
+
+    for name in KERAS_MODULES:
+        importlib.import_module(name)
+
+
+class _RegisterAfterKeras:
+    """An import hook that registers the layers right after `keras` has been imported.
+
+    Registering at `import pipeline` would import Keras (and TensorFlow, seconds) in every
+    command, config checks included; this waits until the process imports Keras itself.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "keras":
+            return None
+        sys.meta_path.remove(self)  # the real finders locate keras; this only wraps it
+        import importlib.util
+
+        spec = importlib.util.find_spec("keras")
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            register_keras_layers()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if "keras" in sys.modules:
+    register_keras_layers()
+else:
+    sys.meta_path.insert(0, _RegisterAfterKeras())

@@ -79,13 +79,12 @@ class Evaluator:
         for split in self.splits:
             cached = features is not None and split in features
             model = adapted.head if cached else adapted.model
-            dataset = (features[split] if cached else getattr(data, split)).batch(self.batch_size)
-            batches = [y.numpy() for _, y in dataset]
-            if not batches:  # e.g. data.val_split=0: nothing to score (Keras' predict fails)
+            dataset = features[split] if cached else getattr(data, split)
+            scored = _predict(model, dataset.batch(self.batch_size))
+            if scored is None:  # e.g. data.val_split=0: nothing to score
                 log.warning("evaluate: the %s split is empty; no %s_* metrics", split, split)
                 continue
-            labels = np.concatenate(batches)
-            probabilities = model.predict(dataset.map(_inputs_only), verbose=0)
+            probabilities, labels = scored
             metrics.update(_scores(split, probabilities, labels, adapted.task, self.top_k))
             metrics.update(_class_scores(split, probabilities, labels, adapted.task, names))
             if output_dir is not None:
@@ -97,8 +96,24 @@ class Evaluator:
         return EvaluationResult(metrics=metrics, artifacts=tuple(artifacts))
 
 
-def _inputs_only(inputs, labels):
-    return inputs
+def _predict(model, batches):
+    """`(outputs, labels)` of a batched split in one pass: each prediction beside its own label.
+
+    One iteration, so the pairs stay right however tf.data orders the elements
+    (`data.deterministic=false` lets parallel decoding reorder them from pass to pass).
+    None when the split is empty.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    call = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
+    outputs, labels = [], []
+    for inputs, targets in batches:
+        outputs.append(np.asarray(call(inputs)))
+        labels.append(targets.numpy())
+    if not outputs:
+        return None
+    return np.concatenate(outputs), np.concatenate(labels)
 
 
 def metric_names(class_names: Sequence[str]) -> list[str]:
@@ -137,11 +152,9 @@ def _predicted(probabilities, task):
     """Class indices (multiclass, binary) or 0/1 bits per label (multilabel)."""
     import numpy as np
 
-    if task == "multiclass":
-        return np.argmax(probabilities, axis=1)
-    if task == "binary":
-        return (probabilities.reshape(-1) > 0.5).astype("int64")
-    return (probabilities > 0.5).astype("int64")
+    from pipeline.heads import predicted_classes
+
+    return np.asarray(predicted_classes(probabilities, task)).astype("int64")
 
 
 def _class_scores(split, probabilities, labels, task, names) -> dict[str, float]:

@@ -89,7 +89,7 @@ class Exporter:
             )
         destination.parent.mkdir(parents=True, exist_ok=True)
         images, labels = _verification_set(data, self.verify_examples)
-        expected = adapted.model.predict(images, verbose=0)
+        expected = _class_probabilities(adapted.model.predict(images, verbose=0), adapted.task)
         # mkdir, not tempfile.mkdtemp: mkdtemp's 0700 mode would follow the export into place
         # and hide it from a server running as another user.
         staging = destination.parent / f".{destination.name}-partial-{uuid.uuid4().hex[:12]}"
@@ -138,14 +138,15 @@ class Exporter:
         from pipeline.serving import write_saved_model
 
         path = write_saved_model(
-            adapted.model, adapted.class_names, adapted.task, data.input_shape, staging / "saved_model"
+            adapted.model, adapted.class_names, adapted.task, data.input_shape, data.resize,
+            staging / "saved_model",
         )
         signatures = tf.saved_model.load(str(path)).signatures
         actual = signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()
         difference = _max_abs_diff(actual, expected)
         # Whole pixel values, as decoders give them, through the uint8 and file signatures.
         pixels = np.clip(np.round(images[:_BYTES_CHECKED]), 0, 255).astype("uint8")
-        wanted = adapted.model.predict(pixels.astype("float32"), verbose=0)
+        wanted = _class_probabilities(adapted.model.predict(pixels.astype("float32"), verbose=0), adapted.task)
         served = signatures["serving_uint8"](images=tf.constant(pixels))["probabilities"].numpy()
         difference = max(difference, _max_abs_diff(served, wanted))
         if "serving_bytes" in signatures:
@@ -155,18 +156,22 @@ class Exporter:
         return path, difference, actual
 
     def _keras(self, adapted, data, staging, images, expected):
+        """`model.keras`: the model behind the data stage's pixel path (any image size in)."""
         import keras
 
+        from pipeline.serving import serving_model
+
         path = staging / "model.keras"
-        adapted.model.save(path)
+        serving_model(adapted.model, data.input_shape, data.resize).save(path)
         actual = keras.saving.load_model(path, compile=False).predict(images, verbose=0)
+        actual = _class_probabilities(actual, adapted.task)
         return path, _max_abs_diff(actual, expected), actual
 
     def _tflite(self, adapted, data, staging, images, expected):
         from pipeline import tflite
         from pipeline.serving import write_fixed_size
 
-        source = write_fixed_size(adapted.model, data.input_shape, staging / ".tflite-source")
+        source = write_fixed_size(adapted.model, adapted.task, data.input_shape, staging / ".tflite-source")
         calibration = []
         if self.quantization == "int8":
             calibration = [x.numpy() for x, _ in data.train.take(self.calibration_examples)]
@@ -199,13 +204,21 @@ def _max_abs_diff(actual, expected) -> float:
     return float(np.max(np.abs(np.asarray(actual, dtype="float64") - expected)))
 
 
-def _accuracy(probabilities, labels, task) -> float:
+def _class_probabilities(outputs, task):
     import numpy as np
 
-    if task == "multiclass":
-        return float(np.mean(np.argmax(probabilities, axis=1) == labels))
-    predicted = probabilities > 0.5
-    return float(np.mean(predicted == (labels.reshape(predicted.shape) > 0.5)))
+    from pipeline.heads import class_probabilities
+
+    return np.asarray(class_probabilities(outputs, task))
+
+
+def _accuracy(probabilities, labels, task) -> float:
+    """Accuracy of per-class probabilities (`class_probabilities`): argmax, or 0.5 per label."""
+    import numpy as np
+
+    if task == "multilabel":
+        return float(np.mean((probabilities > 0.5) == (labels.reshape(probabilities.shape) > 0.5)))
+    return float(np.mean(np.argmax(probabilities, axis=1) == labels.reshape(-1)))
 
 
 class NoExport:

@@ -9,6 +9,38 @@ from pipeline.types import Task
 Activation = Literal["relu", "gelu", "swish", "tanh", "elu"]
 
 
+def class_probabilities(outputs: Any, task: Task) -> Any:
+    """The head's outputs as one probability per class name, in `class_names` order.
+
+    A binary head has one sigmoid column, the probability of the second (last) class; this
+    is the one place that turns it into both classes' probabilities `[1 - p, p]`, for the
+    served signatures, the export's checks and the evaluation's decisions alike. Multiclass
+    (softmax) and multilabel (one sigmoid per label) outputs already have a column per class.
+    Works on NumPy arrays and TensorFlow tensors (returns a tensor).
+
+    Example:
+        >>> class_probabilities(np.array([[0.8]]), "binary")  # [[0.2, 0.8]]
+    """
+    from keras import ops
+
+    if task == "binary":
+        return ops.concatenate([1.0 - outputs, outputs], axis=-1)
+    return ops.convert_to_tensor(outputs)
+
+
+def predicted_classes(outputs: Any, task: Task) -> Any:
+    """The decision for each example: a class index (multiclass, binary) or 0/1 per label (multilabel).
+
+    Binary picks the last class when its probability is above 0.5 (the argmax of
+    `class_probabilities`, ties to the first class); multilabel thresholds each label at 0.5.
+    """
+    from keras import ops
+
+    if task == "multilabel":
+        return ops.cast(ops.convert_to_tensor(outputs) > 0.5, "int64")
+    return ops.argmax(class_probabilities(outputs, task), axis=-1)
+
+
 def _output_layer(num_classes: int, task: Task) -> Any:
     import keras
 

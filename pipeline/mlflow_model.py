@@ -4,11 +4,11 @@
 artifacts; MLflow runs it when the model is loaded, so serving needs TensorFlow, NumPy and
 pandas but not this package. Nothing in the package imports it.
 
-Input: float32 raw 0-255 images `[batch, height, width, channels]` of any size (resized
-inside), or an object array of differently sized images. Output: a DataFrame with one row
-per image: `class_name` (the most probable class), `probability` (its probability) and
-`probabilities` (one per class, in the order of `labels.txt`; binary models give one, the
-probability of the last class).
+Input: float32 raw 0-255 images `[batch, height, width, channels]` of any size and 1-4
+channels (brought to the training size inside, by the training's resize policy), or an
+object array of differently sized images. Output: a DataFrame with one row per image:
+`class_name` (the most probable class), `probability` (its probability) and
+`probabilities` (one per class, in the order of `labels.txt`).
 
 Example:
     >>> model = mlflow.pyfunc.load_model("runs:/<run_id>/model")
@@ -38,29 +38,26 @@ class ImageClassifier(PythonModel):
 
         images = np.asarray(model_input)
         if images.dtype == object:  # images of different sizes: one call each
-            parts = [self._probabilities(np.asarray(image, dtype="float32")[None]) for image in images]
-            probabilities = np.concatenate(parts) if parts else np.zeros((0, 1), "float32")
+            parts = [self._serve(np.asarray(image, dtype="float32")[None]) for image in images]
         else:
-            probabilities = self._probabilities(images.astype("float32"))
-        if probabilities.shape[1] == 1:  # binary: P(last class)
-            positive = probabilities[:, 0] > 0.5
-            names = np.where(positive, self.class_names[-1], self.class_names[0])
-            top = np.where(positive, probabilities[:, 0], 1.0 - probabilities[:, 0])
-        else:
-            names = np.asarray(self.class_names)[np.argmax(probabilities, axis=1)]
-            top = probabilities.max(axis=1)
+            parts = [self._serve(images.astype("float32"))]
+        probabilities = np.concatenate([p for p, _ in parts]) if parts else np.zeros((0, len(self.class_names)))
+        names = np.concatenate([n for _, n in parts]) if parts else np.zeros((0,), str)
         return pd.DataFrame(
             {
                 "class_name": names.astype(str),
-                "probability": top.astype("float64"),
+                "probability": probabilities.max(axis=1).astype("float64"),
                 "probabilities": [row.astype("float64").tolist() for row in probabilities],
             }
         )
 
-    def _probabilities(self, images):
+    def _serve(self, images):
+        """The signature's per-class probabilities and top class names for one batch."""
         import tensorflow as tf
 
-        return self._serving(images=tf.constant(images))["probabilities"].numpy()
+        outputs = self._serving(images=tf.constant(images))
+        names = np.array([name.decode() for name in outputs["class_name"].numpy()])
+        return outputs["probabilities"].numpy(), names
 
 
 mlflow.models.set_model(ImageClassifier())

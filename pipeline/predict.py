@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline.errors import DataError, ExportError, PipelineError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _URI_SCHEMES = ("runs:/", "models:/", "file:/", "s3://", "gs://", "http://", "https://", "dbfs:/")
 
 
@@ -106,9 +106,11 @@ def _saved_model_dir(source: Path) -> Path:
 def _check_decodable(paths: Sequence[Path], contents: Sequence[bytes]) -> None:
     import tensorflow as tf
 
+    from pipeline.data.decode import read_pixels
+
     for path, data in zip(paths, contents):
         try:
-            tf.io.decode_image(data, channels=3, expand_animations=False)
+            read_pixels(data)
         except (tf.errors.InvalidArgumentError, ValueError) as error:
             message = getattr(error, "message", str(error)).splitlines()[0]
             raise DataError(
@@ -135,38 +137,30 @@ def _saved_model(directory: Path, contents: Sequence[bytes], batch_size: int):
     ]
     probabilities = np.concatenate([b["probabilities"].numpy() for b in batches])
     class_names = [n.decode() for n in batches[0]["class_names"].numpy()[0]]
-    if probabilities.shape[1] == 1:  # binary: the other name is in labels.txt beside it
-        labels = directory.parent / "labels.txt"
-        names = labels.read_text().splitlines() if labels.is_file() else []
-        class_names = [names[0] if len(names) == 2 else f"not {class_names[0]}", class_names[0]]
     return probabilities, class_names
 
 
 def _mlflow_model(uri: str, tracking_uri: str, contents: Sequence[bytes], batch_size: int):
-    """Probabilities from an MLflow pyfunc, on images decoded here (the pyfunc takes pixels)."""
-    import numpy as np
-    import tensorflow as tf
+    """Probabilities from an MLflow pyfunc, on decoded pixels (the pyfunc takes pixels).
 
+    The files are decoded to RGB as the data stage decodes them; the model's own graph then
+    converts channels and resizes, as it does for every served image.
+    """
+    import numpy as np
+
+    from pipeline.data.decode import read_pixels
     from pipeline.tracking import load_model
 
-    probabilities_of, class_names, channels = load_model(uri, tracking_uri)
+    probabilities_of, class_names = load_model(uri, tracking_uri)
     rows = []
     for data in contents:  # one at a time: the images may differ in size
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        if channels == 1:
-            image = tf.image.rgb_to_grayscale(image)
-        rows.append(probabilities_of(tf.cast(image, tf.float32).numpy()[None]))
-    probabilities = np.concatenate(rows)
-    if probabilities.shape[1] == 1:
-        class_names = [class_names[0], class_names[-1]]
-    return probabilities, class_names
+        rows.append(probabilities_of(read_pixels(data).numpy()[None].astype("float32")))
+    return np.concatenate(rows), class_names
 
 
 def _top_k(paths, probabilities, class_names, top_k) -> list[Prediction]:
     import numpy as np
 
-    if probabilities.shape[1] == 1:  # binary: P(last class) -> both classes' probabilities
-        probabilities = np.concatenate([1.0 - probabilities, probabilities], axis=1)
     k = min(top_k, probabilities.shape[1])
     predictions = []
     for path, row in zip(paths, probabilities):

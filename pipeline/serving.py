@@ -1,15 +1,19 @@
 """The SavedModel a client serves: raw images or encoded image files in, probabilities and names out.
 
-Signatures (all return `probabilities` `[batch, columns]`, `class_name` `[batch]`, the most
-probable class, and `class_names` `[batch, columns]`, the class of each probability column):
+Signatures (all return `probabilities` `[batch, num_classes]`, one per class name, `class_name`
+`[batch]`, the most probable class, and `class_names` `[batch, num_classes]`, the class of
+each probability column):
 
 - `serving_default`: `images`, float32 `[batch, height, width, channels]`, raw 0-255
-  pixels of any size; resized inside to the model's input size.
+  pixels of any size and 1-4 channels.
 - `serving_uint8`: the same for uint8 images (what image decoders return).
-- `serving_bytes`: `images`, a string `[batch]` of encoded JPEG, PNG, BMP or GIF files,
-  decoded and resized inside (models on 1 or 3 channels).
+- `serving_bytes`: `images`, a string `[batch]` of encoded JPEG, PNG, BMP, GIF or WebP files
+  (models on 1 or 3 channels).
 
-Binary models have one column: the probability of the last class name.
+Every image takes the data stage's own pixel path (`pipeline.data.decode`): files are decoded
+by `decode_bytes`, pixels of another size or channel count go through `serving_pixels`, so
+they are resized by the `data.resize` policy the model was trained and evaluated with.
+Binary models give both classes' probabilities (`pipeline.heads.class_probabilities`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,20 @@ from typing import Any
 
 from pipeline.types import Task
 
-SIGNATURES = ("serving_default", "serving_uint8", "serving_bytes")
+
+def serving_model(model: Any, input_shape: tuple[int, ...], resize: str) -> Any:
+    """`model` behind the data stage's pixel path: raw pixels of any size and channels in.
+
+    The exported `.keras` file is this model; the SavedModel's float and uint8 signatures
+    call it. At the training size it computes exactly what `model` does.
+    """
+    import keras
+
+    from pipeline.data.layers import ServingImages
+
+    images = keras.Input(shape=(None, None, None), name="images")
+    pixels = ServingImages(input_shape, resize, name="serving_images")(images)
+    return keras.Model(images, model(pixels), name="served")
 
 
 def write_saved_model(
@@ -27,11 +44,14 @@ def write_saved_model(
     class_names: tuple[str, ...],
     task: Task,
     input_shape: tuple[int, ...],
+    resize: str,
     path: Path,
 ) -> Path:
-    """Writes `model` (raw 0-255 images of `input_shape` -> probabilities) with the signatures above."""
+    """Writes `model` (raw 0-255 images of `input_shape` -> head outputs) with the signatures above."""
     import keras
     import tensorflow as tf
+
+    from pipeline.data.decode import decode_bytes, serving_pixels
 
     height, width, channels = input_shape
     names = tf.constant([str(name) for name in class_names])
@@ -39,78 +59,62 @@ def write_saved_model(
     # The model is traced once, at its own input size; the endpoints call that one function
     # (a call op, not a copy of the graph), so writing and loading trace the network once.
     @tf.function(input_signature=[tf.TensorSpec((None, *input_shape), tf.float32)], autograph=False)
-    def probabilities(images):
-        return model(images, training=False)
+    def outputs_at_size(images):
+        return _outputs(model(images, training=False), names, task)
 
     def serve_float(images):
-        resized = tf.image.resize(images, (height, width))  # the identity at the model's size
-        return _outputs(probabilities(resized), names, task)
+        return outputs_at_size(serving_pixels(images, input_shape, resize))
 
     def serve_uint8(images):
         return serve_float(tf.cast(images, tf.float32))
 
     def serve_bytes(images):
         decoded = tf.map_fn(
-            lambda contents: decode_image(contents, input_shape),
+            lambda contents: decode_bytes(contents, channels, (height, width), resize),
             images,
-            fn_output_signature=tf.TensorSpec((height, width, channels), tf.float32),
+            fn_output_signature=tf.TensorSpec((height, width, channels), tf.uint8),
         )
-        return _outputs(probabilities(decoded), names, task)
+        return outputs_at_size(tf.cast(decoded, tf.float32))
 
-    any_size = (None, None, None, channels)
+    any_image = (None, None, None, None)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(
-        "serving_default", serve_float, [tf.TensorSpec(any_size, tf.float32, name="images")]
-    )
-    archive.add_endpoint("serving_uint8", serve_uint8, [tf.TensorSpec(any_size, tf.uint8, name="images")])
+    archive.add_endpoint("serving_default", serve_float, [tf.TensorSpec(any_image, tf.float32, name="images")])
+    archive.add_endpoint("serving_uint8", serve_uint8, [tf.TensorSpec(any_image, tf.uint8, name="images")])
     if channels in (1, 3):
         archive.add_endpoint("serving_bytes", serve_bytes, [tf.TensorSpec((None,), tf.string, name="images")])
     archive.write_out(str(path), verbose=False)
     return Path(path)
 
 
-def write_fixed_size(model: Any, input_shape: tuple[int, ...], path: Path) -> Path:
+def write_fixed_size(model: Any, task: Task, input_shape: tuple[int, ...], path: Path) -> Path:
     """A probabilities-only SavedModel on images of exactly `input_shape`: what TFLite converts."""
     import keras
     import tensorflow as tf
+
+    from pipeline.heads import class_probabilities
 
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
         "serving_default",
-        lambda images: {"probabilities": model(images, training=False)},
+        lambda images: {"probabilities": class_probabilities(model(images, training=False), task)},
         [tf.TensorSpec((None, *input_shape), tf.float32, name="images")],
     )
     archive.write_out(str(path), verbose=False)
     return Path(path)
 
 
-def decode_image(contents: Any, input_shape: tuple[int, ...]) -> Any:
-    """Encoded image bytes to float32 0-255 pixels of `input_shape` (bilinear resize)."""
+def _outputs(outputs: Any, names: Any, task: Task) -> dict[str, Any]:
     import tensorflow as tf
 
-    height, width, channels = input_shape
-    # RGB first: the one request every decoder accepts (GIF refuses channels=1).
-    image = tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8)
-    if channels == 1:
-        image = tf.image.rgb_to_grayscale(image)
-    resized = tf.image.resize(tf.cast(image, tf.float32), (height, width))
-    return tf.ensure_shape(resized, (height, width, channels))
+    from pipeline.heads import class_probabilities
 
-
-def _outputs(probabilities: Any, names: Any, task: Task) -> dict[str, Any]:
-    import tensorflow as tf
-
-    if task == "binary":  # one sigmoid column: the probability of the last class
-        top = tf.where(probabilities > 0.5, names[-1], names[0])[:, 0]
-        columns = names[-1:]
-    else:  # multiclass, and for multilabel the most probable label
-        top = tf.gather(names, tf.argmax(probabilities, axis=-1))
-        columns = names
+    probabilities = class_probabilities(outputs, task)
     batch = tf.shape(probabilities)[0]
     return {
         "probabilities": probabilities,
-        "class_name": top,
-        "class_names": tf.tile(columns[None, :], [batch, 1]),
+        # For multilabel, the most probable label; every label's probability is in the row.
+        "class_name": tf.gather(names, tf.argmax(probabilities, axis=-1)),
+        "class_names": tf.tile(names[None, :], [batch, 1]),
     }

@@ -117,7 +117,7 @@ class TrackedRun:
                 model_id=logged.model_id,
                 python_model=str(_MODEL_CODE),
                 artifacts={"saved_model": str(root / "saved_model"), "labels": str(root / "labels.txt")},
-                signature=_model_signature(example.shape[-1]),
+                signature=_model_signature(),
                 input_example=example,
                 pip_requirements=_requirements(),
                 registered_model_name=self.register_as,
@@ -392,15 +392,15 @@ def _tracking_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(previous)
 
 
-def _model_signature(channels: int):
-    """float32 raw images of any size in; the top class, its probability and all of them out."""
+def _model_signature():
+    """float32 raw images of any size and channels in; the top class, its probability and all out."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
     from mlflow.types.schema import Array
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, channels))]),
+        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, -1))]),
         outputs=Schema(
             [
                 ColSpec("string", "class_name"),
@@ -455,11 +455,10 @@ class _SilentRun(TrackedRun):
 
 
 def load_model(model_uri: str, tracking_uri: str):
-    """A model that `TrackedRun.log_model` logged, as `(probabilities, class_names, channels)`.
+    """A model that `TrackedRun.log_model` logged, as `(probabilities, class_names)`.
 
     `probabilities(images)` takes one float32 image batch `[batch, height, width, channels]`
-    (any size) and returns the model's probabilities, one column per class name (binary
-    models: one column, the probability of the last class).
+    (any size, 1-4 channels) and returns the model's probabilities, one column per class name.
 
     Raises:
         ExportError: naming the URI and the store when the model cannot be loaded.
@@ -485,13 +484,12 @@ def load_model(model_uri: str, tracking_uri: str):
             f"MLflow model {model_uri!r} is not an image classifier logged by this pipeline "
             "(no class names or no image tensor input); use the URI of a run's `model`."
         )
-    channels = inputs.inputs[0].shape[-1]
 
     def probabilities(images):
         frame = model.predict(np.asarray(images, dtype="float32"))
         return np.asarray(list(frame["probabilities"]), dtype="float32")
 
-    return probabilities, list(class_names), channels
+    return probabilities, list(class_names)
 
 
 def run_directory(uri: str, run_id: str) -> Path:

@@ -34,6 +34,8 @@ class DataBundle:
         skipped_files: files that could not be decoded and were left out (logged to MLflow).
         fingerprint: a digest of the data's identity (files and sizes, or the package
             data set and split), for caches and reruns.
+        resize: the policy that brought every image to `input_shape` (`data.resize`); the
+            export serves images of other sizes through the same one.
     """
 
     train: Any
@@ -46,6 +48,7 @@ class DataBundle:
     augmentation: Any = None
     skipped_files: tuple[str, ...] = ()
     fingerprint: str = ""
+    resize: str = "resize"
 
     @property
     def num_classes(self) -> int:

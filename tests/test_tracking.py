@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +39,15 @@ def test_a_clean_run_finishes_with_all_params_and_tags(store):
     params = {f"group.key_{i:03d}": i for i in range(250)}  # three batches of 100
     params["long"] = "x" * 7000  # over MLflow's 6000-character limit
     tracker = _tracker(store, "clean", run_name="first-try")
+    started = int(time.time() * 1000)
     with tracker.run(params=params, tags={"command": "python -m pipeline seed=1"}) as run:
         run.log_metrics({"test_accuracy": 0.75}, step=3)
         assert _client(store).get_run(run.run_id).info.status == "RUNNING"
+    ended = int(time.time() * 1000) + 1
 
     finished = _client(store).get_run(run.run_id)
     assert finished.info.status == "FINISHED"
-    assert finished.info.end_time is not None
+    assert started <= finished.info.start_time <= finished.info.end_time <= ended  # milliseconds
     assert finished.info.run_name == "first-try"
     logged = finished.data.params
     assert len(logged) == 251
@@ -158,7 +161,7 @@ def test_log_model_registers_a_pyfunc_with_signature_and_input_example(store, lo
         for uri in (model_uri, f"runs:/{run_id}/model"):
             model = mlflow.pyfunc.load_model(uri)
             inputs = model.metadata.get_input_schema().inputs[0]
-            assert inputs.type.name == "float32" and inputs.shape == (-1, -1, -1, 1)
+            assert inputs.type.name == "float32" and inputs.shape == (-1, -1, -1, -1)  # any size, channels
             assert model.metadata.get_output_schema().input_names() == [
                 "class_name", "probability", "probabilities"
             ]

@@ -147,4 +147,5 @@ def make_bundle(
         augmentation=augmentation.build() if augmentation is not None else None,
         skipped_files=tuple(skipped),
         fingerprint=settings.pixels_fingerprint(fingerprint),
+        resize=settings.resize,
     )

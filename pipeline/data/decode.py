@@ -1,7 +1,12 @@
-"""Decoding image bytes into fixed-size raw pixels: formats, channels and the resize policy.
+"""The one path for pixels: image bytes or raw pixels to what the model was trained on.
 
-These are graph functions for `tf.data.Dataset.map`; TensorFlow is imported inside them so
-that importing this module stays cheap.
+Decoding, channel conversion and the resize policy are written here once. The data stage
+maps them over its files (`decode_bytes`), and the export puts the very same functions into
+the served graph (`serving_pixels`, through `pipeline.data.layers.ServingImages`), so that a
+served image is treated exactly as a training and evaluation image was.
+
+These are graph functions for `tf.data.Dataset.map` and `tf.function`; TensorFlow is
+imported inside them so that importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -18,10 +23,40 @@ def decode_bytes(contents: Any, channels: int, image_size: tuple[int, int], resi
     Every format is decoded to RGB first (gray is repeated, alpha dropped), which is the one
     request TensorFlow's decoders all accept; `channels=1` then takes the luma.
     """
+    return fit(match_channels(read_pixels(contents), channels), image_size, resize)
+
+
+def read_pixels(contents: Any) -> Any:
+    """Encoded image bytes to uint8 RGB pixels `(H, W, 3)` at the file's own size."""
     import tensorflow as tf
 
-    image = tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8)
-    return fit(match_channels(image, channels), image_size, resize)
+    return tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8)
+
+
+def serving_pixels(images: Any, input_shape: tuple[int, int, int], resize: Resize) -> Any:
+    """A batch of raw 0-255 pixels of any size and 1-4 channels to float32 `input_shape`.
+
+    Images already of `input_shape` pass unchanged (every policy is the identity there, and
+    pixels the data stage gives, such as the digits' fractional values, are left as they
+    are). Any other batch takes the data stage's own path: whole 0-255 values in uint8,
+    `match_channels`, then `fit` by the `resize` policy the model was trained with.
+    """
+    import tensorflow as tf
+
+    height, width, channels = input_shape
+    images = tf.convert_to_tensor(images)
+    shape = tf.shape(images)
+    same = tf.reduce_all(tf.equal(shape[1:], [height, width, channels]))
+
+    def unchanged():
+        return tf.cast(images, tf.float32)
+
+    def converted():
+        pixels = tf.cast(tf.clip_by_value(tf.round(tf.cast(images, tf.float32)), 0.0, 255.0), tf.uint8)
+        return tf.cast(fit(match_channels(pixels, channels), (height, width), resize), tf.float32)
+
+    out = tf.cond(same, unchanged, converted)
+    return tf.ensure_shape(out, (None, height, width, channels))
 
 
 def match_channels(image: Any, channels: int) -> Any:
@@ -29,11 +64,13 @@ def match_channels(image: Any, channels: int) -> Any:
     import tensorflow as tf
 
     have = image.shape[-1]
-    if have is None:  # decided per image, e.g. a TFDS feature of unknown depth
+    if have is None:  # decided per image: a TFDS feature of unknown depth, a served batch
+        # The same choices as for a known depth below: alpha dropped, gray kept as gray.
         depth = tf.shape(image)[-1]
-        image = tf.cond(depth >= 3, lambda: image[..., :3], lambda: tf.repeat(image[..., :1], 3, -1))
-        have = 3
-    elif have in (2, 4):
+        if channels == 1:
+            return tf.cond(depth >= 3, lambda: tf.image.rgb_to_grayscale(image[..., :3]), lambda: image[..., :1])
+        return tf.cond(depth >= 3, lambda: image[..., :3], lambda: tf.repeat(image[..., :1], 3, -1))
+    if have in (2, 4):
         image = image[..., : have - 1]  # alpha carries no class information here
         have -= 1
     if have == channels:
@@ -44,7 +81,7 @@ def match_channels(image: Any, channels: int) -> Any:
 
 
 def fit(image: Any, image_size: tuple[int, int], resize: Resize) -> Any:
-    """A uint8 image of any size to exactly `image_size`, by the chosen policy.
+    """A uint8 image (or a batch of them) of any size to exactly `image_size`, by the chosen policy.
 
     `resize` stretches (aspect ratio changes, nothing is lost); `crop_or_pad` keeps the
     pixels' scale and centre-crops or zero-pads (cheap, no interpolation, loses borders of
@@ -63,4 +100,4 @@ def fit(image: Any, image_size: tuple[int, int], resize: Resize) -> Any:
         raise ValueError(f"unknown resize policy {resize!r}; expected one of {RESIZE_POLICIES}")
     # Cached as uint8: a quarter of float32's memory, and identical with the cache on or off.
     out = tf.cast(tf.clip_by_value(tf.round(tf.cast(out, tf.float32)), 0.0, 255.0), tf.uint8)
-    return tf.ensure_shape(out, (height, width, image.shape[-1]))
+    return tf.ensure_shape(out, (*image.shape[:-3], height, width, image.shape[-1]))

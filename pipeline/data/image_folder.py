@@ -19,6 +19,9 @@ class ImageFolderData:
 
     Files that are not decodable images (a truncated JPEG, a stray `.txt`) are left out
     with a warning and listed in `DataBundle.skipped_files`. Hidden files are ignored.
+    The fingerprint is each file's bytes and its path inside the folder, links not followed
+    (the class folder is the label); where the folder lives is not part of it, so a copy
+    elsewhere shares the feature cache.
 
     Args:
         train_dir: folder with one subfolder per class (searched recursively).

@@ -1,4 +1,6 @@
-"""Keras layers that Keras lacks; imported only when augmentation is built (Keras at top)."""
+"""Keras layers that Keras lacks: a random crop for augmentation and the served pixel path.
+
+Keras and TensorFlow are imported at the top: import this module only where they are used."""
 
 from __future__ import annotations
 
@@ -45,3 +47,38 @@ class RandomResizedCrop(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "crop": self.crop, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class ServingImages(keras.layers.Layer):
+    """The data stage's pixel path as the first layer of an exported model.
+
+    Takes raw 0-255 pixels of any size and 1-4 channels and gives float32 images of
+    `image_shape`, by `pipeline.data.decode.serving_pixels`: unchanged at the training
+    size, otherwise rounded to whole values, channels converted and resized by the
+    `resize` policy the model was trained with (the functions the data stage used).
+
+    Args:
+        image_shape: `(height, width, channels)` the model takes.
+        resize: `resize`, `crop_or_pad` or `aspect_preserving`, as `data.resize`.
+
+    Example:
+        >>> ServingImages((8, 8, 1), "aspect_preserving")(np.zeros((2, 30, 10, 3))).shape
+        TensorShape([2, 8, 8, 1])
+    """
+
+    def __init__(self, image_shape, resize: str = "resize", **kwargs):
+        super().__init__(**kwargs)
+        self.image_shape = tuple(int(v) for v in image_shape)
+        self.resize = resize
+
+    def call(self, images):
+        from pipeline.data.decode import serving_pixels
+
+        return serving_pixels(images, self.image_shape, self.resize)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.image_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "image_shape": list(self.image_shape), "resize": self.resize}

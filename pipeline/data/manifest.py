@@ -16,6 +16,8 @@ from pipeline.types import DataBundle
 
 SHOWN = 5  # problems quoted in one error; the count says how many more there are
 
+SPLITS = ("train", "val", "test")
+
 
 @dataclass(frozen=True)
 class _Row:
@@ -23,6 +25,7 @@ class _Row:
     path: str  # as written in the manifest
     file: Path  # resolved against the manifest's folder
     labels: tuple[str, ...]
+    split: str | None = None  # train, val or test, from data.split_column
 
 
 class CsvData:
@@ -41,6 +44,8 @@ class CsvData:
         label_separator: what separates labels in one cell when `multilabel`.
         class_names: the classes in index order; null takes the sorted distinct labels.
             When set, a label outside it is an error.
+        split_column: a column naming each row's split (`train`, `val` or `test`), for a
+            manifest that is already split; null holds out `val_split` and `test_split`.
         val_split: fraction held out for validation (per class unless `multilabel`).
         test_split: fraction held out for the test.
         image_size: `[height, width]` every image is brought to.
@@ -66,6 +71,7 @@ class CsvData:
         multilabel: bool = False,
         label_separator: str = " ",
         class_names: list[str] | None = None,
+        split_column: str | None = None,
         val_split: float = 0.2,
         test_split: float = 0.2,
         image_size: list[int] = (224, 224),
@@ -93,6 +99,7 @@ class CsvData:
         self.multilabel = multilabel
         self.label_separator = label_separator
         self.class_names = None if class_names is None else [str(c) for c in class_names]
+        self.split_column = split_column
         self.fractions = (val_split, test_split)
         self.task = "multilabel" if multilabel else task
         self.augmentation = augmentation
@@ -112,10 +119,13 @@ class CsvData:
         self._check_every_class_has_images(rows, class_names)
 
         labels = self._encode(rows, class_names)
-        # Multi-hot labels have no single class to stratify by: those split at random.
-        strata = np.zeros(len(rows), "int64") if self.multilabel else labels
-        carved = stratified_split(strata, *self.fractions, self.seed)
-        parts = dict(zip(("train", "val", "test"), carved))
+        if self.split_column:
+            parts = {split: np.array([i for i, row in enumerate(rows) if row.split == split], "int64")
+                     for split in SPLITS}
+        else:
+            # Multi-hot labels have no single class to stratify by: those split at random.
+            strata = np.zeros(len(rows), "int64") if self.multilabel else labels
+            parts = dict(zip(SPLITS, stratified_split(strata, *self.fractions, self.seed)))
         counts = {split: len(indices) for split, indices in parts.items()}
         dataset.require_examples(counts, self._fixes())
 
@@ -123,10 +133,13 @@ class CsvData:
         used = {row.file for row in rows}
         fingerprint = scan.fingerprint(
             [(relative(str(f)), scanned[f].size, scanned[f].sha256) for f in used]
-            + [(f"manifest:{manifest_file.name}", *_size_and_digest(manifest_file))],
+            + [(f"manifest:{manifest_file.name}", *scan.file_digest(manifest_file))],
             {"option": "csv", "seed": self.seed, "val_split": self.fractions[0],
              "test_split": self.fractions[1], "columns": self.columns,
-             "multilabel": self.multilabel, "class_names": class_names},
+             "split_column": self.split_column,
+             "multilabel": self.multilabel, "class_names": class_names,
+             # The separator decides how a cell reads ("cat dog": two labels, or one).
+             "label_separator": self.label_separator if self.multilabel else None},
         )
         key = self.settings.cache_key(fingerprint)
         paths = np.array([str(row.file) for row in rows])
@@ -148,8 +161,9 @@ class CsvData:
         with manifest.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             header = reader.fieldnames or []
-            for key, column in zip(("data.path_column", "data.label_column"), self.columns):
-                if column not in header:
+            keys = ("data.path_column", "data.label_column", "data.split_column")
+            for key, column in zip(keys, (*self.columns, self.split_column)):
+                if column is not None and column not in header:
                     raise DataError(
                         f"data.manifest={self.manifest!r} has no column {column!r} ({key}); its "
                         f"columns are {header}. Set {key} to one of them or fix the header line."
@@ -177,7 +191,17 @@ class CsvData:
                 f"data.manifest={self.manifest!r} line {line} ({path!r}): the {label_column!r} "
                 "cell is empty. Fill in the label or remove the row."
             )
-        return _Row(line, path, folder / Path(path).expanduser(), labels)
+        split = None
+        if self.split_column:
+            split = (record.get(self.split_column) or "").strip()
+            if split not in SPLITS:
+                raise DataError(
+                    f"data.manifest={self.manifest!r} line {line} ({path!r}): the "
+                    f"{self.split_column!r} cell is {split!r}; expected one of {', '.join(SPLITS)} "
+                    "(data.split_column). Fix the cell, or set data.split_column=null to hold out "
+                    "data.val_split and data.test_split instead."
+                )
+        return _Row(line, path, folder / Path(path).expanduser(), labels, split)
 
     def _check_files(self, rows: list[_Row]) -> None:
         missing = [row for row in rows if not row.file.is_file()]
@@ -231,6 +255,9 @@ class CsvData:
         return hot
 
     def _fixes(self) -> dict[str, str]:
+        if self.split_column:
+            return {split: f"no row has {self.split_column}={split} (data.split_column). Mark some "
+                           f"rows {split}." for split in SPLITS}
         val, test = self.fractions
         return {
             "train": f"data.val_split={val} and data.test_split={test} leave no training image. "
@@ -238,10 +265,3 @@ class CsvData:
             "val": f"data.val_split={val} takes no image (too few rows per class). Raise it or add rows.",
             "test": f"data.test_split={test} takes no image (too few rows per class). Raise it or add rows.",
         }
-
-
-def _size_and_digest(path: Path) -> tuple[int, str]:
-    import hashlib
-
-    data = path.read_bytes()
-    return len(data), hashlib.sha256(data).hexdigest()

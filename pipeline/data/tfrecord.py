@@ -25,6 +25,9 @@ class TFRecordData:
 
     Args:
         file_pattern: a glob of the shards (`/data/train-*.tfrecord`), read in sorted order.
+        val_file_pattern: a glob of validation shards; null holds out `val_split` of
+            `file_pattern`'s records instead.
+        test_file_pattern: likewise for the test shards and `test_split`.
         image_key: the bytes feature holding the encoded JPEG/PNG/BMP/GIF.
         label_key: the feature holding the label: an int64 class index or a string.
         class_names: the classes in index order. Null: the sorted distinct string labels,
@@ -48,6 +51,8 @@ class TFRecordData:
     def __init__(
         self,
         file_pattern: str,
+        val_file_pattern: str | None = None,
+        test_file_pattern: str | None = None,
         image_key: str = "image/encoded",
         label_key: str = "image/class/label",
         class_names: list[str] | None = None,
@@ -65,6 +70,7 @@ class TFRecordData:
         self.settings = dataset.image_settings(image_size, channels, resize, cache, deterministic)
         dataset.check_task(task)
         self.file_pattern = file_pattern
+        self.patterns = {"train": file_pattern, "val": val_file_pattern, "test": test_file_pattern}
         self.keys = (image_key, label_key)
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.fractions = (val_split, test_split)
@@ -74,9 +80,21 @@ class TFRecordData:
 
     def load(self) -> DataBundle:
         import numpy as np
+        import tensorflow as tf
 
-        files = self._files()
-        raw_labels, skipped = self._read_labels(files)
+        # Record numbers run across the shards of train, then val, then test patterns.
+        files, roles, raw_labels, skipped, origin = [], [], [], [], []
+        for split, pattern in self.patterns.items():
+            if pattern is None:
+                continue
+            shards = self._files(pattern, "data.file_pattern" if split == "train" else f"data.{split}_file_pattern")
+            labels_here, skipped_here = self._read_labels(shards)
+            files += shards
+            roles += [split] * len(shards)  # a shard moved to another pattern changes the data
+            raw_labels += labels_here
+            skipped += skipped_here
+            origin += [split] * len(labels_here)
+        origin = np.array(origin)
         keep = np.array([label is not None for label in raw_labels])
         if not keep.any():
             raise DataError(f"data.file_pattern={self.file_pattern!r}: no record holds a decodable image.")
@@ -85,19 +103,29 @@ class TFRecordData:
         dataset.check_classes(class_names, self.task, where)
 
         # Split the kept records; indices are global record numbers across the sorted shards.
+        # A split with shards of its own takes them; the others are held out of train's.
         kept = np.flatnonzero(keep)
-        carved = stratified_split(labels[kept], *self.fractions, self.seed)
-        parts = {split: np.sort(kept[chosen]) for split, chosen in zip(("train", "val", "test"), carved)}
+        from_train = kept[origin[kept] == "train"]
+        val, test = (0.0 if self.patterns[s] else f for s, f in zip(("val", "test"), self.fractions))
+        carved = stratified_split(labels[from_train], val, test, self.seed)
+        parts = {split: np.sort(from_train[chosen]) for split, chosen in zip(("train", "val", "test"), carved)}
+        for split in ("val", "test"):
+            if self.patterns[split]:
+                parts[split] = kept[origin[kept] == split]
         counts = {split: len(indices) for split, indices in parts.items()}
-        val, test = self.fractions
         dataset.require_examples(counts, {
             "train": f"data.val_split={val} and data.test_split={test} leave no training record.",
-            "val": f"data.val_split={val} takes no record from any class; raise it or add records.",
-            "test": f"data.test_split={test} takes no record from any class; raise it or add records.",
+            "val": f"data.val_split={val} takes no record from any class; raise it or add records."
+                   if not self.patterns["val"] else
+                   f"data.val_file_pattern={self.patterns['val']!r} holds no decodable record.",
+            "test": f"data.test_split={test} takes no record from any class; raise it or add records."
+                    if not self.patterns["test"] else
+                    f"data.test_file_pattern={self.patterns['test']!r} holds no decodable record.",
         })
 
         fingerprint = scan.fingerprint(
-            [(name, *_size_and_digest(f)) for name, f in zip(_relative_names(files), files)],
+            [(f"{role}:{name}", *scan.file_digest(file, tf.io.gfile.GFile))
+             for role, name, file in zip(roles, _relative_names(files), files)],
             {"option": "tfrecord", "seed": self.seed, "val_split": val, "test_split": test,
              "keys": self.keys, "class_names": class_names},
         )
@@ -106,14 +134,14 @@ class TFRecordData:
         return dataset.make_bundle(splits, counts, class_names, self.settings, self.task,
                                    self.augmentation, [s for s, _ in skipped], fingerprint)
 
-    def _files(self) -> list[str]:
+    def _files(self, pattern: str, key: str) -> list[str]:
         import tensorflow as tf
 
-        files = sorted(tf.io.gfile.glob(os.path.expanduser(self.file_pattern)))
+        files = sorted(tf.io.gfile.glob(os.path.expanduser(pattern)))
         if not files:
             raise DataError(
-                f"data.file_pattern={self.file_pattern!r} matches no file: check the folder and "
-                "the glob (for example /data/train-*.tfrecord)."
+                f"{key}={pattern!r} matches no file: check the folder and the glob (for example "
+                "/data/train-*.tfrecord)."
             )
         return files
 
@@ -229,17 +257,3 @@ def _relative_names(files: list[str]) -> list[str]:
         return files  # a bucket: its URL is its identity
     root = os.path.dirname(files[0]) if len(files) == 1 else os.path.commonpath(files)
     return [os.path.relpath(f, root) for f in files]
-
-
-def _size_and_digest(path: str) -> tuple[int, str]:
-    import hashlib
-
-    import tensorflow as tf
-
-    digest = hashlib.sha256()
-    size = 0
-    with tf.io.gfile.GFile(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-            size += len(block)
-    return size, digest.hexdigest()

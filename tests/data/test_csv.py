@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from image_files import class_of, dataset_arrays, truncated_jpeg, write_folder
+from image_files import class_of, dataset_arrays, truncated_jpeg, write_folder, write_image
 from pipeline.data.manifest import CsvData
 from pipeline.errors import ConfigError, DataError
 
@@ -99,6 +100,24 @@ def test_manifest_edits_change_the_fingerprint(root, manifest):
     relabelled = _manifest(root, [rows[0].replace(",cat", ",dog"), *rows[1:]], name="relabelled.csv")
     assert _load(relabelled).fingerprint != before
     assert _load(manifest).fingerprint == before
+
+
+def test_new_bytes_in_one_image_change_the_fingerprint(root, manifest, tmp_path):
+    before = _load(manifest).fingerprint
+    copy = shutil.copytree(root, tmp_path / "copy")
+    assert _load(copy / manifest.name).fingerprint == before  # where it lives is not identity
+    write_image(copy / "images" / "cat" / "00.jpg", colour=(210, 20, 20), seed=99)  # same name, new bytes
+    assert _load(copy / manifest.name).fingerprint != before
+
+
+def test_the_label_separator_is_part_of_the_fingerprint(root):
+    """The same cells read as other labels with another separator: `cat dog` is two labels or one."""
+    rows = [f"{r.split(',')[0]},cat dog" if i % 3 == 0 else r for i, r in enumerate(_rows(root, ("cat", "dog")))]
+    path = _manifest(root, rows, name="separated.csv")
+    names = ["cat", "dog", "cat dog"]
+    spaces, bars = (_load(path, multilabel=True, class_names=names, label_separator=s) for s in (" ", "|"))
+    assert not np.array_equal(dataset_arrays(spaces.train)[1], dataset_arrays(bars.train)[1])
+    assert spaces.fingerprint != bars.fingerprint
 
 
 def _error(manifest, kind=DataError, **kwargs) -> str:

@@ -113,6 +113,43 @@ def test_same_seed_same_split_other_seed_other_split(splits):
     assert _rows(other_test) != _rows(splits["test"][0])
 
 
+def _edited_digits(monkeypatch, edit):
+    """sklearn's digits as `load_digits` gives them, after `edit(images, targets)` on the first five."""
+    import sklearn.datasets
+
+    original = sklearn.datasets.load_digits
+
+    def load_digits():
+        digits = original()  # fresh arrays on each call
+        edit(digits.images, digits.target, int(np.flatnonzero(digits.target == 5)[0]))
+        return digits
+
+    monkeypatch.setattr(sklearn.datasets, "load_digits", load_digits)
+
+
+def test_fingerprint_follows_the_split(bundle):
+    assert DigitsData(classes=CLASSES, seed=0).load().fingerprint == bundle.fingerprint
+    assert DigitsData(classes=CLASSES, seed=1).load().fingerprint != bundle.fingerprint
+
+
+def test_new_pixels_in_one_example_change_the_fingerprint(bundle, monkeypatch):
+    def repaint(images, targets, first):
+        images[first, 0, 0] = 16 if images[first, 0, 0] != 16 else 0
+
+    _edited_digits(monkeypatch, repaint)
+    assert DigitsData(classes=CLASSES, seed=0).load().fingerprint != bundle.fingerprint
+
+
+def test_relabelling_one_example_changes_the_fingerprint(bundle, monkeypatch):
+    def relabel(images, targets, first):
+        targets[first] = 6
+
+    _edited_digits(monkeypatch, relabel)
+    relabelled = DigitsData(classes=CLASSES, seed=0).load()
+    assert sum(relabelled.num_examples.values()) == sum(bundle.num_examples.values())  # none dropped
+    assert relabelled.fingerprint != bundle.fingerprint
+
+
 @pytest.mark.parametrize(
     "classes",
     [[5], [], [5, 10], [-1, 3], [5, 5, 6]],

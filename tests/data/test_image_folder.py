@@ -96,6 +96,30 @@ def test_fingerprint_follows_the_files_and_the_split_not_the_location(folder, bu
     assert _load(moved).fingerprint != bundle.fingerprint
 
 
+# Identity is the bytes of each file and its path inside the data folder (the class folder
+# is the label): a copy elsewhere shares the fingerprint, and with it the feature cache.
+def test_moving_one_image_to_another_class_changes_the_fingerprint(folder, bundle, tmp_path):
+    moved = shutil.copytree(folder, tmp_path / "relabelled")
+    (moved / "cat" / "00.jpg").rename(moved / "dog" / "00-was-cat.jpg")
+    assert _load(moved).fingerprint != bundle.fingerprint
+
+
+def test_relabelling_a_linked_image_changes_the_fingerprint(tmp_path):
+    """Class folders of links into one pool of images (a common layout): the link's folder is the label."""
+    pool = write_folder(tmp_path / "pool", per_class=6, classes=("cat", "dog"))
+    farm = tmp_path / "farm"
+    for image in sorted(pool.glob("*/*")):
+        (farm / image.parent.name).mkdir(parents=True, exist_ok=True)
+        (farm / image.parent.name / image.name).symlink_to(image)
+    before = _load(farm).fingerprint
+    assert _load(shutil.copytree(farm, tmp_path / "copy", symlinks=True)).fingerprint == before
+    (farm / "cat" / "00.jpg").rename(farm / "dog" / "00-was-cat.jpg")  # same target, other class
+    relabelled = _load(farm).fingerprint
+    assert relabelled != before
+    write_image(pool / "dog" / "01.png", colour=(0, 0, 0), seed=7)  # new bytes behind a link
+    assert _load(farm).fingerprint != relabelled
+
+
 def test_explicit_val_and_test_folders_are_used_as_they_are(tmp_path):
     train = write_folder(tmp_path / "train", per_class=4, classes=("cat", "dog"))
     val = write_folder(tmp_path / "val", per_class=2, classes=("cat", "dog"))

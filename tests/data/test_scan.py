@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -53,3 +54,32 @@ def test_a_file_written_just_now_is_not_remembered(tmp_path, reads):
     scan.scan_files([path])
     scan.scan_files([path])
     assert reads == ["fresh.png", "fresh.png"]
+
+
+def test_file_digest_streams_and_reads_an_unchanged_file_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(scan, "_DIGESTS", {})
+    opened: list[str] = []
+
+    def counting_open(path, mode):
+        opened.append(path)
+        return open(path, mode)
+
+    data = os.urandom(3 * scan.BLOCK + 5)  # several blocks and a ragged end
+    path = tmp_path / "shard.tfrecord"
+    path.write_bytes(data)
+    _age(path)
+    expected = (len(data), hashlib.sha256(data).hexdigest())
+    assert scan.file_digest(path, counting_open) == expected
+    assert scan.file_digest(path, counting_open) == expected and len(opened) == 1
+    path.write_bytes(data[:-1] + b"\0")  # one byte changed, same size
+    assert scan.file_digest(path, counting_open) == (len(data), hashlib.sha256(data[:-1] + b"\0").hexdigest())
+    assert len(opened) == 2
+
+
+def test_relative_paths_do_not_follow_links(tmp_path):
+    target = write_image(tmp_path / "pool" / "a.png")
+    (tmp_path / "root" / "cat").mkdir(parents=True)
+    (tmp_path / "root" / "cat" / "a.png").symlink_to(target)
+    relative = scan.relative_to(tmp_path / "root")
+    assert relative(str(tmp_path / "root" / "cat" / "a.png")) == "cat/a.png"  # the link's class folder
+    assert relative(str(target)) == target.as_posix()  # outside the root: absolute

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -108,6 +109,64 @@ def test_fingerprint_names_the_data_set_version_and_splits(data_dir, bundle):
     again = _data(data_dir).load()
     other_split = _data(data_dir, split={"train": "train[:70%]", "val": "train[70%:]", "test": "test"}).load()
     assert again.fingerprint == bundle.fingerprint != other_split.fingerprint
+
+
+def _edited_copy(data_dir, destination, split, index, change):
+    """A copy of the prepared `data_dir` whose example `index` of `split` went through `change`.
+
+    `change(features)` edits the stored `tf.train.Example`'s features in place; the shard is
+    rewritten and dataset_info.json left as it was, as a hand-relabelled copy would be.
+    """
+    import tensorflow as tf
+
+    copy = shutil.copytree(data_dir, destination)
+    (shard,) = (copy / NAME / "1.0.0").glob(f"{NAME}-{split}.tfrecord-*")
+    records = [tf.train.Example.FromString(r) for r in tf.data.TFRecordDataset(str(shard)).as_numpy_iterator()]
+    change(records[index].features.feature)
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for record in records:
+            writer.write(record.SerializeToString())
+    return copy
+
+
+def _train_labels(bundle) -> list[int]:
+    return dataset_arrays(bundle.train)[1].tolist()
+
+
+@needs_tfds
+def test_relabelling_one_example_changes_the_fingerprint(data_dir, bundle, tmp_path):
+    untouched = shutil.copytree(data_dir, tmp_path / "copy")
+    assert _data(untouched).load().fingerprint == bundle.fingerprint  # where it lives is not identity
+
+    def relabel(features):
+        features["kind"].int64_list.value[0] = (features["kind"].int64_list.value[0] + 1) % len(CLASSES)
+
+    relabelled = _data(_edited_copy(data_dir, tmp_path / "relabelled", "train", 0, relabel)).load()
+    assert _train_labels(relabelled) != _train_labels(bundle)  # the edit is what a run reads
+    assert relabelled.fingerprint != bundle.fingerprint
+
+
+@needs_tfds
+def test_new_bytes_in_one_example_change_the_fingerprint(data_dir, bundle, tmp_path):
+    def repaint(features):
+        import tensorflow as tf
+
+        shape = tf.io.decode_png(features["picture"].bytes_list.value[0]).shape
+        features["picture"].bytes_list.value[0] = tf.io.encode_png(np.full(shape, 128, np.uint8)).numpy()
+
+    repainted = _data(_edited_copy(data_dir, tmp_path / "repainted", "train", 0, repaint)).load()
+    images = [dataset_arrays(b.train)[0] for b in (bundle, repainted)]
+    assert not np.array_equal(*images)  # the edit is what a run reads
+    assert repainted.fingerprint != bundle.fingerprint
+
+
+@needs_tfds
+def test_renamed_classes_change_the_fingerprint(data_dir, bundle, tmp_path):
+    copy = shutil.copytree(data_dir, tmp_path / "renamed")
+    (copy / NAME / "1.0.0" / "kind.labels.txt").write_text("lion\ntiger\nbear\n")
+    renamed = _data(copy).load()
+    assert renamed.class_names == ("lion", "tiger", "bear")
+    assert renamed.fingerprint != bundle.fingerprint
 
 
 @needs_tfds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -112,6 +113,51 @@ def test_fingerprint_changes_with_the_bytes(tmp_path, bundle):
     assert _load(tmp_path / "*.tfrecord", class_names=list(CLASSES)).fingerprint == bundle.fingerprint
     write_shards(tmp_path, per_class=9)
     assert _load(tmp_path / "*.tfrecord", class_names=list(CLASSES)).fingerprint != bundle.fingerprint
+
+
+def _edited_copy(shards, destination, index, change):
+    """A copy of the shards whose record `index` of shard 0 went through `change(features)`."""
+    import tensorflow as tf
+
+    copy = shutil.copytree(shards, destination)
+    shard = str(copy / "train-00000-of-00002.tfrecord")
+    records = [tf.train.Example.FromString(r) for r in tf.data.TFRecordDataset(shard).as_numpy_iterator()]
+    change(records[index].features.feature)
+    with tf.io.TFRecordWriter(shard) as writer:
+        for record in records:
+            writer.write(record.SerializeToString())
+    return copy
+
+
+def test_relabelling_one_record_changes_the_fingerprint(shards, bundle, tmp_path):
+    assert _load(shutil.copytree(shards, tmp_path / "copy") / "*.tfrecord",
+                 class_names=list(CLASSES)).fingerprint == bundle.fingerprint  # location is not identity
+
+    def relabel(features):
+        features["image/class/label"].int64_list.value[0] = 1  # record 0 is a cat
+
+    copy = _edited_copy(shards, tmp_path / "relabelled", 0, relabel)
+    relabelled = _load(copy / "*.tfrecord", class_names=list(CLASSES))
+    assert _label_counts(relabelled) == {0: 9, 1: 11, 2: 10} != _label_counts(bundle)  # the edit is read
+    assert relabelled.fingerprint != bundle.fingerprint
+
+
+def _label_counts(bundle) -> Counter:
+    return Counter(label for split in ("train", "val", "test")
+                   for label in dataset_arrays(getattr(bundle, split))[1].tolist())
+
+
+def test_new_bytes_in_one_record_change_the_fingerprint(shards, bundle, tmp_path):
+    def repaint(features):
+        features["image/encoded"].bytes_list.value[0] = image_bytes(colour=COLOURS["cat"], seed=99)
+
+    copy = _edited_copy(shards, tmp_path / "repainted", 0, repaint)
+    repainted = _load(copy / "*.tfrecord", class_names=list(CLASSES))
+    assert _label_counts(repainted) == _label_counts(bundle)  # the same labels, so the same split
+    pixels = [np.concatenate([dataset_arrays(getattr(b, split))[0] for split in ("train", "val", "test")])
+              for b in (repainted, bundle)]
+    assert not np.array_equal(*pixels)  # the edit is read
+    assert repainted.fingerprint != bundle.fingerprint
 
 
 def _error(pattern, **kwargs) -> str:
