@@ -35,21 +35,32 @@ class _RegisterAfterKeras:
 
     Registering at `import pipeline` would import Keras (and TensorFlow, seconds) in every
     command, config checks included; this waits until the process imports Keras itself.
+    It only wraps the spec that the other finders give (a lookup such as TensorFlow's
+    `importlib.util.find_spec("keras")` may come before the import), and leaves once the
+    layers are registered.
     """
 
+    def __init__(self):
+        self._searching = False
+
     def find_spec(self, name, path=None, target=None):
-        if name != "keras":
+        if name != "keras" or self._searching:
             return None
-        sys.meta_path.remove(self)  # the real finders locate keras; this only wraps it
         import importlib.util
 
-        spec = importlib.util.find_spec("keras")
+        self._searching = True  # the other finders locate keras; this only wraps it
+        try:
+            spec = importlib.util.find_spec("keras")
+        finally:
+            self._searching = False
         if spec is None or spec.loader is None:
             return spec
         execute = spec.loader.exec_module
 
         def exec_module(module):
             execute(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             register_keras_layers()
 
         spec.loader.exec_module = exec_module

@@ -13,16 +13,28 @@ MobileNetV2 was trained at (`--quick` and smaller sizes show how fixed costs, su
 importing TensorFlow and exporting, dominate tiny runs):
 
 - plain: `scripts/plain_keras_transfer.py` (image_dataset_from_directory, cache, prefetch,
-  model.fit, evaluate, save), frozen and with `--fine-tune`;
+  model.fit, evaluate, save), frozen and with `--fine-tune --batchnorm B`;
 - pipeline: `python -m pipeline` with `freeze=all` (feature cache on, first cold-cache
   run, verified SavedModel export and MLflow model included); a Hydra basic-launcher sweep of
   head settings on one fresh cache with `export=none` (sweep jobs are scored, the winner is
   exported by running its overrides), next to one job of that sweep run alone on a fresh
-  cache; and `freeze=none`;
+  cache; and `freeze=none freeze.batchnorm=B`;
 - the input rate against the train step (`scripts/benchmark_input.py`), MLflow's cost per
   epoch, and a feature-cache probe that writes a large cache to show it streams to disk;
 - a profiled frozen run (timers around the pipeline's stages, nothing edited): where the
   time goes (`--no-profile` skips it).
+
+Fine-tuning compares like with like: B is `--fine-tune-batchnorm` (default `frozen`, the
+pipeline's default: BatchNorm layers non-trainable, so in inference mode with fixed
+gamma/beta; `trainable`: they train on both sides). Each side prints a `work:` line from the
+same function (`plain_keras_transfer.describe_work`) once its model is compiled: trainable
+variables and parameters, BatchNorm layers in training mode, `jit_compile` and
+`steps_per_execution` as Keras resolved them; the pipeline prints it from a wrapper
+(`--_describe`, which runs `pipeline.runner.main` and only adds that line), and the report
+says whether the two lines agree. (Until this check existed, the plain script called its
+unfrozen base with `training=False`, which Keras 3's `fit` overrides: its 52 BatchNorm
+layers trained in batch-statistics mode while the pipeline's were frozen, and the pipeline's
+epoch came out at 0.33x the plain one.)
 
 Wall time and peak RSS come from `os.wait4` on each child. Epoch time is the median gap
 between consecutive epoch ends after the first epoch: the plain script prints a timestamp
@@ -337,6 +349,26 @@ def profile_pipeline(overrides: list[str]) -> None:
     importlib.import_module("pipeline.runner").main()
 
 
+def describe_pipeline(overrides: list[str]) -> None:
+    """`python -m pipeline overrides`, printing a `work:` line for each model it fits.
+
+    The line comes from the plain script's `describe_work`, so both sides are described by
+    the same code; nothing else changes (the line is printed before Keras' fit starts).
+    """
+    from plain_keras_transfer import describe_work
+
+    train = importlib.import_module("pipeline.train")
+    original = train.Trainer._fit
+
+    def _fit(self, model, *args, **kwargs):
+        print(describe_work(model), flush=True)
+        return original(self, model, *args, **kwargs)
+
+    train.Trainer._fit = _fit
+    sys.argv = ["pipeline", *overrides]
+    importlib.import_module("pipeline.runner").main()
+
+
 # --- the benchmark -------------------------------------------------------------------------
 
 
@@ -390,6 +422,9 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, help="frozen-backbone epochs (default 10, --quick 4)")
     parser.add_argument("--fine-tune-epochs", type=int, help="full fine-tuning epochs (default 3, --quick 3)")
+    parser.add_argument("--fine-tune-batchnorm", choices=("frozen", "trainable"), default="frozen",
+                        help="BatchNorm when fine-tuning, on both sides: frozen (the pipeline's default: "
+                             "inference mode, fixed gamma/beta) or trainable")
     parser.add_argument("--sweep-dropout", help="head.dropout values (default 0.0,0.1,0.2,0.3; --quick 0.0,0.2)")
     parser.add_argument("--sweep-lr", default="0.001,0.003", help="train.learning_rate values")
     parser.add_argument("--cache-probe-examples", type=int, nargs=2, default=[200, 2000], metavar=("SMALL", "LARGE"),
@@ -411,6 +446,7 @@ def parse_args(argv):
     parser.add_argument("--_mlflow-probe", nargs=2, metavar=("URI", "EPOCHS"), help=argparse.SUPPRESS)
     parser.add_argument("--_cache-probe", nargs=2, metavar=("DIR", "EXAMPLES"), help=argparse.SUPPRESS)
     parser.add_argument("--_profile", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--_describe", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
     args.num_images = args.num_images or (100 if quick else 1500)
@@ -435,6 +471,8 @@ def main(argv=None) -> None:
         return cache_probe(args._cache_probe[0], int(args._cache_probe[1]))
     if args._profile is not None:
         return profile_pipeline(args._profile)
+    if args._describe is not None:
+        return describe_pipeline(args._describe)
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="benchmark-transfer-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -463,6 +501,10 @@ def run_all(args, folder: Path, work: Path) -> dict:
     found: dict = {"jobs": jobs}
     frozen = ["freeze=all", f"train.epochs={args.epochs}"]
     ft = args.fine_tune_epochs
+    batchnorm = args.fine_tune_batchnorm
+
+    def described(command: list[str]) -> list[str]:  # python -m pipeline ... -> the --_describe wrapper
+        return [PYTHON, __file__, "--_describe", *command[3:]]
     small, large = args.cache_probe_examples
     steps = set(args.only.split(",")) if args.only else set(STEPS)
     steps -= set() if args.checkpoint_variant else {"pipeline_ft_nockpt"}
@@ -500,17 +542,20 @@ def run_all(args, folder: Path, work: Path) -> dict:
             work, args, prepare=fresh("cache_sweep", "sweep"))
     if "plain_ft" in steps:
         found["plain_ft"] = measure_quietly(
-            "plain fine-tune", plain_command(args, folder, work, ft, "plain_ft", "--fine-tune"), work, args)
+            "plain fine-tune",
+            plain_command(args, folder, work, ft, "plain_ft", "--fine-tune", "--batchnorm", batchnorm), work, args)
     if "pipeline_ft" in steps:
         found["pipeline_ft"] = measure_quietly(
-            "pipeline fine-tune", pipeline_command(args, folder, work, "cache_ft", "freeze=none", f"train.epochs={ft}",
-                                                   f"hydra.run.dir={work}/runs/ft"),
+            "pipeline fine-tune",
+            described(pipeline_command(args, folder, work, "cache_ft", "freeze=none", f"freeze.batchnorm={batchnorm}",
+                                       f"train.epochs={ft}", f"hydra.run.dir={work}/runs/ft")),
             work, args, prepare=fresh("runs/ft"))
     if "pipeline_ft_nockpt" in steps:
         found["pipeline_ft_nockpt"] = measure_quietly(
             "pipeline fine-tune, no checkpoint",
-            pipeline_command(args, folder, work, "cache_ft", "freeze=none", f"train.epochs={ft}",
-                             "train.checkpoint=false", f"hydra.run.dir={work}/runs/ft_nockpt"),
+            described(pipeline_command(args, folder, work, "cache_ft", "freeze=none", f"freeze.batchnorm={batchnorm}",
+                                       f"train.epochs={ft}", "train.checkpoint=false",
+                                       f"hydra.run.dir={work}/runs/ft_nockpt")),
             work, args, prepare=fresh("runs/ft_nockpt"))
     if "input" in steps:
         found["input"] = measure_quietly(
@@ -610,6 +655,9 @@ def report(args, folder: Path, work: Path, found: dict) -> None:
             nock_ratio = nock_epoch / plain_epoch if nock_epoch and plain_epoch else None
             row("  the same with train.checkpoint=false",
                 f"{_fmt(nock_ratio, 'x', 2)} ({_fmt(nock_epoch, '', 2)} / {_fmt(plain_epoch, ' s', 2)})")
+        plain_work, pipe_work = _work_line(found["plain_ft"].log), _work_line(found["pipeline_ft"].log)
+        row(f"  same work on both sides (batchnorm={args.fine_tune_batchnorm})",
+            "yes" if plain_work and plain_work == pipe_work else "NO: see the work lines below")
         row("  process wall: pipeline / plain",
             f"{found['pipeline_ft'].wall_s / found['plain_ft'].wall_s:.2f}x "
             f"({found['pipeline_ft'].wall_s:.1f} / {found['plain_ft'].wall_s:.1f} s)")
@@ -652,6 +700,9 @@ def report(args, folder: Path, work: Path, found: dict) -> None:
     if plain_gaps or pipe_gaps:
         print(f"\nfine-tune epoch gaps (s), epochs 2-n: plain {' '.join(f'{g:.2f}' for g in plain_gaps)}; "
               f"pipeline {' '.join(f'{g:.2f}' for g in pipe_gaps)}")
+    for key in ("plain_ft", "pipeline_ft"):
+        if found.get(key):
+            print(f"fine-tune {key.split('_')[0]:8} {_work_line(found[key].log) or 'work: (no line printed)'}")
     if "profile" in found:
         print_profile(found["profile"])
 
@@ -703,6 +754,12 @@ def print_profile(profiled: Measured) -> None:
         print(f"  {name:44} {seconds:6.2f} s  x{calls}")
     mlflow_total = sum(s for name, (s, _) in data["timers"].items() if name.startswith("mlflow "))
     print(f"  {'(all MlflowClient calls together)':44} {mlflow_total:6.2f} s")
+
+
+def _work_line(log: str) -> str | None:
+    """The `work:` line a fine-tuning run printed (the last model it fitted)."""
+    lines = [line for line in log.splitlines() if line.startswith("work: ")]
+    return lines[-1] if lines else None
 
 
 def _json_line(log: str) -> dict | None:

@@ -64,3 +64,40 @@ def tiny_images():
 
     rng = np.random.default_rng(0)
     return rng.uniform(0, 255, size=(32, 8, 8, 1)).astype("float32")
+
+
+@pytest.fixture
+def silent_server():
+    """`(port, accepted)`: a server on 127.0.0.1 that accepts connections and never answers.
+
+    What a stalled proxy or firewall looks like. It lets go of its connections after 20
+    seconds at the latest, so that code that waits for an answer forever fails instead of
+    hanging the suite; `accepted` lists the connections it took.
+    """
+    import socket
+    import threading
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
+    accepted: list = []
+    stop = threading.Event()
+    deadline = time.monotonic() + 20
+
+    def hold():
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                accepted.append(server.accept()[0])
+            except socket.timeout:
+                continue
+        for connection in accepted:
+            connection.close()
+        server.close()
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], accepted
+    finally:
+        stop.set()
+        thread.join(timeout=5)

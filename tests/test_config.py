@@ -53,6 +53,14 @@ def test_every_option_composes_validates_and_instantiates(group, option, tmp_pat
 def test_every_experiment_overlay_composes_and_validates(option, tmp_path):
     cfg = compose([f"experiment={option}"], tmp_path)
     config.validate(cfg)
+    # What the overlay says reaches the composed config: its options and its values.
+    overlay = OmegaConf.load(CONFIG_DIR / "experiment" / f"{option}.yaml")
+    for entry in overlay.pop("defaults"):
+        ((key, choice),) = entry.items()
+        group = key.removeprefix("override /")
+        assert cfg[group]._target_ == OmegaConf.load(CONFIG_DIR / group / f"{choice}.yaml")._target_, group
+    for key, value in config.flatten(OmegaConf.to_container(overlay)).items():
+        assert str(OmegaConf.select(cfg, key)) == value, key
 
 
 def test_each_yaml_starts_with_the_command_that_uses_it():

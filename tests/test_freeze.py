@@ -51,7 +51,8 @@ def tiny_data(n=48):
                       num_examples={"train": n, "val": 16, "test": 16})
 
 
-def train(source, freeze, epochs=2, **trainer_args):
+def train(source, freeze, epochs=2, head_before=None, **trainer_args):
+    """`(adapted, backbone weights before, result)`; `head_before` receives the head's."""
     from pipeline.adapt import adapt
 
     trainer = Trainer(epochs=epochs, batch_size=16, learning_rate=0.05,
@@ -61,6 +62,8 @@ def train(source, freeze, epochs=2, **trainer_args):
         data = tiny_data()
         adapted = adapt(source, LinearHead(), freeze, data.class_names, data.input_shape, data.task)
         before = _snapshot(adapted.backbone)
+        if head_before is not None:
+            head_before.update(_snapshot(adapted.head))
         result = trainer.fit(adapted, data, on_epoch_end=lambda epoch, logs: None)
     return adapted, before, result
 
@@ -97,9 +100,12 @@ def test_none_with_trainable_batchnorm_also_moves_batchnorm_and_its_statistics()
 
 
 def test_all_keeps_every_backbone_variable_bit_identical():
-    adapted, before, _ = train(keras_source(), FreezeAll())
+    head_before: dict = {}
+    adapted, before, _ = train(keras_source(), FreezeAll(), head_before=head_before)
     assert changed(adapted, before) == set()
-    assert adapted.head.trainable_weights
+    head_after = _snapshot(adapted.head)  # the fit did run: the head trained
+    assert {name for name in head_before if not np.array_equal(head_before[name], head_after[name])} == {
+        "probabilities/kernel", "probabilities/bias"}
 
 
 def test_top_n_trains_the_top_units_only():
@@ -167,8 +173,9 @@ def test_gradual_unfreezes_at_the_configured_epochs_and_keeps_the_optimizer():
 
 
 def test_gradual_with_patterns_unfreezes_the_named_groups():
-    _, _, result = train(keras_source(), Gradual(epochs=[1], patterns=["conv2"]), epochs=2)
+    adapted, before, result = train(keras_source(), Gradual(epochs=[1], patterns=["conv2"]), epochs=2)
     assert result.epochs_completed == 2
+    assert changed(adapted, before) == {"conv2/kernel", "conv2/bias"}  # opened at epoch 1, nothing else
 
 
 def test_gradual_rejects_unordered_epochs():

@@ -124,8 +124,12 @@ def test_mlp_without_batch_norm_or_dropout():
     assert not _layers_of(head, "BatchNormalization")
     assert not _layers_of(head, "Dropout")
     assert [layer.units for layer in _layers_of(head, "Dense")] == [4, 5]
-    p = head.predict(_features((6,)), verbose=0)
-    assert p.shape == (16, 5) and np.all((p > 0) & (p < 1))
+    x = _features((6,))
+    p = head.predict(x, verbose=0)
+    assert p.shape == (16, 5)
+    hidden_kernel, hidden_bias = head.get_layer("dense_0").get_weights()
+    hidden = np.maximum(x @ hidden_kernel + hidden_bias, 0.0)  # relu, nothing between the layers
+    np.testing.assert_allclose(p, _sigmoid(_output_logits(head, hidden)), atol=1e-5)
 
 
 class CosineHead:

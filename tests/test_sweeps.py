@@ -64,11 +64,13 @@ def test_optuna_search_runs_trials_and_continues_its_stored_study(tmp_path):
     study = optuna.load_study(study_name="digits-transfer", storage=storage)
     assert len(study.trials) == 4
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    assert 0.0 < study.best_value <= 1.0
     child_runs = [r for r in runs(tmp_path) if "mlflow.parentRunId" in r.data.tags]
     assert len(child_runs) == 4
-    best = max(r.data.metrics["val_accuracy"] for r in child_runs)
-    assert study.best_value == pytest.approx(best)
+    # Each trial's value is its run's val_accuracy, and the study maximizes it.
+    reported = sorted(r.data.metrics["val_accuracy"] for r in child_runs)
+    assert sorted(t.value for t in study.trials) == pytest.approx(reported)
+    assert study.best_value == pytest.approx(reported[-1])
+    assert study.best_value > 0.7  # five classes: chance is 0.2; these trials reach about 0.85 in 2 epochs
 
 
 def test_four_parallel_jobs_share_the_local_sqlite_store(tmp_path):

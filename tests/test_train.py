@@ -192,9 +192,16 @@ def test_binary_and_multilabel_tasks_train_with_sigmoid_outputs(task):
     assert result.history["loss"][-1] < result.history["loss"][0]
 
 
-def test_mirrored_strategy_trains_on_cpu():
-    _, result, _ = _fit(_trainer(epochs=1, batch_size=16, strategy="mirrored"))
+def test_mirrored_strategy_trains_on_cpu_like_the_default_strategy():
+    initial = keras_source().backbone.get_layer("extractor").get_weights()  # the seeded weights _fit starts from
+    mirrored, result, _ = _fit(_trainer(epochs=1, batch_size=16, strategy="mirrored"))
+    reference, _, _ = _fit(_trainer(epochs=1, batch_size=16))
     assert result.epochs_completed == 1
+    # One CPU replica: the same batches and updates as without a strategy.
+    for mine, theirs in zip(mirrored.model.weights, reference.model.weights, strict=True):
+        np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=0, atol=1e-5, err_msg=mine.path)
+    trained = mirrored.backbone.get_layer("extractor").get_weights()
+    assert min(np.abs(a - b).max() for a, b in zip(trained, initial) if a.ndim > 1) > 1e-3  # kernels moved
 
 
 def test_multi_worker_without_tf_config_says_how_to_set_it(monkeypatch):

@@ -95,8 +95,8 @@ def resolve_handle(handle: str, timeout: float = 10.0) -> str:
     cached = _cached_path(handle)
     if cached is not None:
         return cached
-    host = parsed.hostname or "www.kaggle.com"
-    check_reachable(f"source.handle={handle!r}", host, timeout, _OFFLINE_HELP)
+    url = handle if parsed.hostname else "https://www.kaggle.com/"
+    check_reachable(f"source.handle={handle!r}", url, timeout, _OFFLINE_HELP)
     import tensorflow_hub as hub
 
     try:

@@ -130,7 +130,7 @@ def test_directory_without_saved_model(tmp_path):
         HubSource(handle=str(tmp_path), input_shape=[8, 8, 1]).load()
 
 
-def test_unreachable_hub_fails_within_seconds_with_offline_advice(monkeypatch, tmp_path):
+def test_an_unresolvable_hub_fails_with_offline_advice(monkeypatch, tmp_path):
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path))
     handle = "https://hub.invalid/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
     started = time.monotonic()
@@ -139,6 +139,21 @@ def test_unreachable_hub_fails_within_seconds_with_offline_advice(monkeypatch, t
     assert time.monotonic() - started < 15
     message = str(caught.value)
     assert handle in message and "TFHUB_CACHE_DIR" in message and "local" in message
+
+
+def test_a_hub_that_accepts_but_never_answers_fails_after_fetch_timeout(monkeypatch, tmp_path, silent_server):
+    port, accepted = silent_server
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path))
+    handle = f"https://127.0.0.1:{port}/google/some/model/1"
+    started = time.monotonic()
+    with pytest.raises(SourceError) as caught:
+        HubSource(handle=handle, input_shape=[8, 8, 1], fetch_timeout=2).load()
+    waited = time.monotonic() - started
+    assert len(accepted) == 1  # it reached the server (its port, not 443) and waited there
+    assert 1.8 <= waited < 5, waited  # the timeout itself, not a refusal nor a hang
+    message = str(caught.value)
+    assert handle in message and f"127.0.0.1:{port} is unreachable after 2" in message
+    assert "TFHUB_CACHE_DIR" in message
 
 
 def test_tfhub_cache_dir_is_used_without_network(monkeypatch, tmp_path, hub_model_dir):
