@@ -67,6 +67,32 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     return resolved
 
 
+def build(cfg: DictConfig, group: str) -> Any:
+    """The object that config group `group` describes (`hydra.utils.instantiate`).
+
+    Raises:
+        ConfigError: the target refused its keys; names the group and the target. A
+            `PipelineError` the target raised itself (already clear) passes unchanged.
+    """
+    from hydra.utils import instantiate
+
+    from pipeline.errors import PipelineError
+
+    try:
+        return instantiate(cfg[group])
+    except PipelineError:
+        raise
+    except Exception as error:
+        cause = error.__cause__ or error
+        if isinstance(cause, PipelineError):  # a nested node's own, already clear, error
+            raise cause from None
+        raise ConfigError(
+            f"{group}: could not build {cfg[group].get('_target_')} from the config "
+            f"({type(cause).__name__}: {cause}). Check the keys of conf/{group}/ "
+            "against the target's arguments."
+        ) from error
+
+
 def _check_node(node: Any, prefix: str) -> None:
     if isinstance(node, Mapping):
         target = node.get("_target_")

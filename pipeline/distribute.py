@@ -6,41 +6,73 @@ import json
 import os
 from typing import Any
 
+from pipeline import compat
 from pipeline.errors import ConfigError
 
 
 def make_strategy(name: str) -> Any:
-    """The strategy for `train.strategy=name`; `multi_worker` must be made before other TF ops."""
+    """The strategy for `train.strategy=name`; `multi_worker` must be made before other TF ops.
+
+    `name` is a `pipeline.train.Strategy`, checked against that enum with the rest of the
+    config before TensorFlow is imported; each value has one small builder below.
+    """
+    return _BUILDERS[name]()
+
+
+def _default() -> Any:
     import tensorflow as tf
 
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "one_device":
-        device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
-        return tf.distribute.OneDeviceStrategy(device)
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise ConfigError(
-                "train.strategy='multi_worker' needs the TF_CONFIG environment variable "
-                '(for example {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                '"task": {"type": "worker", "index": 0}}); set it on every worker, or use '
-                "train.strategy=mirrored on one machine"
-            )
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "tpu":
-        try:
-            resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-            tf.config.experimental_connect_to_cluster(resolver)
-            tf.tpu.experimental.initialize_tpu_system(resolver)
-        except (ValueError, tf.errors.NotFoundError) as error:
-            raise ConfigError(
-                f"train.strategy='tpu' found no TPU ({error}); run on a TPU VM or set "
-                "TPU_NAME, or choose train.strategy=default"
-            ) from error
-        return tf.distribute.TPUStrategy(resolver)
-    raise ConfigError(f"train.strategy={name!r}: expected default, one_device, mirrored, multi_worker or tpu")
+    return tf.distribute.get_strategy()
+
+
+def _one_device() -> Any:
+    import tensorflow as tf
+
+    device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
+    return tf.distribute.OneDeviceStrategy(device)
+
+
+def _mirrored() -> Any:
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy()
+
+
+def _multi_worker() -> Any:
+    import tensorflow as tf
+
+    if "TF_CONFIG" not in os.environ:
+        raise ConfigError(
+            "train.strategy='multi_worker' needs the TF_CONFIG environment variable "
+            '(for example {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+            '"task": {"type": "worker", "index": 0}}); set it on every worker, or use '
+            "train.strategy=mirrored on one machine"
+        )
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def _tpu() -> Any:
+    import tensorflow as tf
+
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, tf.errors.NotFoundError) as error:
+        raise ConfigError(
+            f"train.strategy='tpu' found no TPU ({error}); run on a TPU VM or set "
+            "TPU_NAME, or choose train.strategy=default"
+        ) from error
+    return tf.distribute.TPUStrategy(resolver)
+
+
+_BUILDERS = {
+    "default": _default,
+    "one_device": _one_device,
+    "mirrored": _mirrored,
+    "multi_worker": _multi_worker,
+    "tpu": _tpu,
+}
 
 
 def is_chief(name: str) -> bool:
@@ -60,32 +92,9 @@ def prepare_multi_worker_fit(model: Any, strategy: Any, local_batch: Any) -> Non
 
     Keras builds metrics by reducing the first *distributed* batch eagerly, which
     MultiWorkerMirroredStrategy cannot do, and reduces scalar metrics along axis 0
-    (keras-team/keras#20585). We build from a local batch inside the strategy's scope and
-    reduce scalars over replicas instead. The two-worker test fails if Keras changes here.
+    (keras-team/keras#20585). The patches live in `pipeline.compat`, which fails loudly
+    when the installed Keras no longer has what they patch; the two-worker test fails if
+    Keras changes the behaviour itself.
     """
-    with strategy.scope():
-        model._symbolic_build(data_batch=local_batch)
-    model._maybe_symbolic_build = lambda *args, **kwargs: None
-    _patch_scalar_reduction()
-
-
-def _patch_scalar_reduction() -> None:
-    import tensorflow as tf
-    from keras.src.backend.tensorflow import trainer
-
-    if getattr(trainer.reduce_per_replica, "_pipeline_patched", False):
-        return
-    original = trainer.reduce_per_replica
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction in ("auto", "mean") and trainer._collective_all_reduce_multi_worker(strategy):
-            return tf.nest.map_structure(
-                lambda v: strategy.reduce("MEAN", v, axis=None)
-                if isinstance(v, tf.distribute.DistributedValues)
-                else v,
-                values,
-            )
-        return original(values, strategy, reduction)
-
-    reduce_per_replica._pipeline_patched = True
-    trainer.reduce_per_replica = reduce_per_replica
+    compat.build_for_multi_worker_fit(model, strategy, local_batch)
+    compat.patch_multi_worker_reduce()

@@ -23,3 +23,7 @@ class ExportError(PipelineError):
 
 class TrainingDiverged(PipelineError):
     """The loss became NaN or infinite."""
+
+
+class IncompatibleVersion(PipelineError):
+    """An installed library no longer has the private API that a patch in `pipeline.compat` needs."""

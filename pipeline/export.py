@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from pipeline.errors import ConfigError, ExportError
 from pipeline.tflite import QUANTIZATIONS, Quantization
@@ -100,22 +101,20 @@ class Exporter:
             paths: dict[str, Path] = {}
             differences: dict[str, float] = {}
             accuracy_delta: dict[str, float] = {}
-            for name in self.formats:
-                path, difference, actual = getattr(self, f"_{name}")(adapted, data, staging, images, expected)
-                differences[name] = difference
-                allowed = self._tolerance(name)
-                if not difference <= allowed:  # also catches NaN
-                    key = "export.tflite_tolerance" if name == "tflite" else "export.tolerance"
+            for name, writer in self._writers().items():
+                written = writer.write(adapted, data, staging, images, expected)
+                differences[name] = written.max_abs_diff
+                if not written.max_abs_diff <= writer.tolerance:  # also catches NaN
                     raise ExportError(
                         f"the {name} export's predictions differ from the in-memory model's by "
-                        f"{difference:.3g} (> {key}={allowed}); the export was not kept. Raise "
-                        f"{key} only if this is expected."
+                        f"{written.max_abs_diff:.3g} (> {writer.tolerance_key}={writer.tolerance}); the "
+                        f"export was not kept. Raise {writer.tolerance_key} only if this is expected."
                     )
-                if name == "tflite":
-                    accuracy_delta[name] = _accuracy(actual, labels, adapted.task) - _accuracy(
+                if writer.reports_accuracy:
+                    accuracy_delta[name] = _accuracy(written.probabilities, labels, adapted.task) - _accuracy(
                         expected, labels, adapted.task
                     )
-                paths[name] = destination / path.relative_to(staging)
+                paths[name] = destination / written.path.relative_to(staging)
             os.replace(staging, destination)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -123,15 +122,44 @@ class Exporter:
             root=destination, paths=paths, max_abs_diff=differences, accuracy_delta=accuracy_delta
         )
 
-    def _tolerance(self, name: str) -> float:
-        if name != "tflite":
-            return self.tolerance
-        if self.tflite_tolerance is not None:
-            return self.tflite_tolerance
-        return TFLITE_TOLERANCE[self.quantization]
+    def _writers(self) -> dict[str, Any]:
+        """One writer per requested format (`export.formats`, a checked list of names)."""
+        tflite_tolerance = self.tflite_tolerance
+        if tflite_tolerance is None:
+            tflite_tolerance = TFLITE_TOLERANCE[self.quantization]
+        writers = {
+            "saved_model": SavedModelFormat(self.tolerance),
+            "keras": KerasFormat(self.tolerance),
+            "tflite": TfliteFormat(self.quantization, self.calibration_examples, tflite_tolerance),
+        }
+        return {name: writers[name] for name in self.formats}
 
-    def _saved_model(self, adapted, data, staging, images, expected):
-        """Writes `saved_model/` and checks all three signatures as a TF Serving client would."""
+
+@dataclass(frozen=True)
+class Written:
+    """One format, written into the staging directory and checked against the in-memory model.
+
+    Args:
+        path: the file or directory written.
+        max_abs_diff: the largest difference of its probabilities from the in-memory model's.
+        probabilities: its per-class probabilities on the verification images.
+    """
+
+    path: Path
+    max_abs_diff: float
+    probabilities: Any
+
+
+class SavedModelFormat:
+    """`saved_model/` with the signatures of `pipeline.serving`, checked as a TF Serving client would."""
+
+    tolerance_key = "export.tolerance"
+    reports_accuracy = False
+
+    def __init__(self, tolerance: float):
+        self.tolerance = tolerance
+
+    def write(self, adapted, data, staging, images, expected) -> Written:
         import numpy as np
         import tensorflow as tf
 
@@ -153,10 +181,19 @@ class Exporter:
             files = tf.stack([tf.io.encode_png(image) for image in pixels])
             served = signatures["serving_bytes"](images=files)["probabilities"].numpy()
             difference = max(difference, _max_abs_diff(served, wanted))
-        return path, difference, actual
+        return Written(path, difference, actual)
 
-    def _keras(self, adapted, data, staging, images, expected):
-        """`model.keras`: the model behind the data stage's pixel path (any image size in)."""
+
+class KerasFormat:
+    """`model.keras`: the model behind the data stage's pixel path (any image size in)."""
+
+    tolerance_key = "export.tolerance"
+    reports_accuracy = False
+
+    def __init__(self, tolerance: float):
+        self.tolerance = tolerance
+
+    def write(self, adapted, data, staging, images, expected) -> Written:
         import keras
 
         from pipeline.serving import serving_model
@@ -165,9 +202,21 @@ class Exporter:
         serving_model(adapted.model, data.input_shape, data.resize).save(path)
         actual = keras.saving.load_model(path, compile=False).predict(images, verbose=0)
         actual = _class_probabilities(actual, adapted.task)
-        return path, _max_abs_diff(actual, expected), actual
+        return Written(path, _max_abs_diff(actual, expected), actual)
 
-    def _tflite(self, adapted, data, staging, images, expected):
+
+class TfliteFormat:
+    """`model.tflite` (fixed image size), quantized as asked; reports the accuracy change."""
+
+    tolerance_key = "export.tflite_tolerance"
+    reports_accuracy = True
+
+    def __init__(self, quantization: Quantization, calibration_examples: int, tolerance: float):
+        self.quantization = quantization
+        self.calibration_examples = calibration_examples
+        self.tolerance = tolerance
+
+    def write(self, adapted, data, staging, images, expected) -> Written:
         from pipeline import tflite
         from pipeline.serving import write_fixed_size
 
@@ -184,7 +233,7 @@ class Exporter:
         path.write_bytes(tflite.convert(source, self.quantization, calibration))
         shutil.rmtree(source)
         actual = tflite.predict(path, images)
-        return path, _max_abs_diff(actual, expected), actual
+        return Written(path, _max_abs_diff(actual, expected), actual)
 
 
 def _verification_set(data: DataBundle, count: int):

@@ -82,25 +82,12 @@ def _describe_units(backbone) -> str:
 
 def inspect_source(overrides: Sequence[str]) -> str:
     """Compose and check the config for `overrides`, load its source, and describe it."""
-    from hydra.utils import instantiate
-
     from pipeline import config
 
     cfg = compose_config(overrides)
     config.validate(cfg)  # before TensorFlow is imported
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    try:
-        source = instantiate(cfg.source)
-    except PipelineError:
-        raise
-    except Exception as error:
-        cause = error.__cause__ or error
-        raise ConfigError(
-            f"source: could not build {cfg.source.get('_target_')} from the config "
-            f"({type(cause).__name__}: {cause}). Check the keys of conf/source/ against the "
-            "target's arguments."
-        ) from error
-    return describe_source(source.load())
+    return describe_source(config.build(cfg, "source").load())
 
 
 def compose_config(overrides: Sequence[str]) -> Any:

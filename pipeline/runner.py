@@ -1,8 +1,10 @@
 """`python -m pipeline [overrides]`: compose the config, check it, run the five stages.
 
-The runner is the only code that reads the config. It builds each stage from its group
-with `hydra.utils.instantiate`, passes runtime facts (the classes the data holds) at the
-call site, and hands the stages' small typed results from one to the next.
+The runner is the only code that reads the config. `run()` is the story: check the config,
+build one object per group (`Stages`), find the run to resume, then inside the MLflow run
+load -> adapt -> train (`_train`, under the strategy's scope), evaluate, export and record.
+Runtime facts (the classes the data holds) are passed at the call site, and the stages hand
+each other small typed results (`pipeline.types`).
 """
 
 from __future__ import annotations
@@ -12,24 +14,24 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config, provenance
+from pipeline.distribute import is_chief
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.resume import RUN_FILE, resume_target
 from pipeline.sweep import PARENT_RUN_ENV
 
 log = logging.getLogger("pipeline")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(PROJECT_ROOT / "conf")
-RUN_FILE = "mlflow_run.json"
 
 
 def run(cfg: DictConfig, rerun_of: tuple[str, Mapping[str, str]] | None = None) -> dict[str, float]:
@@ -41,96 +43,135 @@ def run(cfg: DictConfig, rerun_of: tuple[str, Mapping[str, str]] | None = None) 
     """
     resolved = config.validate(cfg)  # before TensorFlow is imported
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    stages = _build_stages(cfg)
-    trainer, tracker = stages["train"], stages["tracking"]
+    stages = Stages.build(cfg)
+    check = RerunCheck(rerun_of)
     identity = provenance.config_fingerprint(resolved)
-    tags = {**provenance.environment_tags(), "config_sha256": identity, **_job_overrides()}
-    if rerun_of is not None:
-        tags["rerun_of"] = rerun_of[0]
-        _warn_differences(rerun_of[1], tags)
-    resume_setting = cfg.get("resume")
-    if resume_setting == "auto" and cfg.train.strategy == "multi_worker":
-        # Workers must agree on resuming and only the chief may ask the store: name the
-        # run explicitly (resume=<run dir on shared storage>) to resume multi-worker runs.
-        resume_setting = None
-    resume = _resume_target(resume_setting, tracker, identity)
-    output_dir = resume.run_dir if resume else Path(cfg.output_dir)
-    params = config.flatten(_without_hydra(resolved))
+    tags = {**provenance.environment_tags(), "config_sha256": identity, **_job_overrides(), **check.tags}
+    check.compare(tags)
+    resumed = resume_target(cfg.get("resume"), stages.tracking, identity,
+                            multi_worker=stages.train.strategy == "multi_worker")
+    output_dir = resumed.run_dir if resumed else Path(cfg.output_dir)
 
-    with _sigterm_as_interrupt(), tracker.run(
-        params,
+    with _sigterm_as_interrupt(), stages.tracking.run(
+        config.flatten(_without_hydra(resolved)),
         tags,
-        record=_is_chief(cfg),
-        resume_run_id=resume.run_id if resume else None,
+        record=is_chief(stages.train.strategy),
+        resume_run_id=resumed.run_id if resumed else None,
         parent_run_id=os.environ.get(PARENT_RUN_ENV),
     ) as tracked:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tracked.set_tags({"run_dir": str(output_dir.resolve())})
-        if not resume:
-            _write_run_files(output_dir, resolved, tracked)
-
-        from pipeline.adapt import adapt
-        from pipeline.features import backbone_fingerprint
-
-        def build(data):
-            source = stages["source"].load()
-            log.info("source: %s, features %s", source.description, source.feature_shape)
-            fingerprint = {"source.fingerprint": backbone_fingerprint(source.backbone)}
-            tracked.set_tags(fingerprint)
-            if rerun_of is not None:
-                _warn_differences(rerun_of[1], fingerprint)
-            return adapt(
-                source,
-                head=stages["head"],
-                freeze=stages["freeze"],
-                class_names=data.class_names,
-                input_shape=data.input_shape,
-                task=data.task,
-            )
-
-        with trainer.distribute():
-            data = stages["data"].load()
-            log.info("data: %s examples, classes %s", data.num_examples, list(data.class_names))
-            tracked.set_tags({"data.fingerprint": data.fingerprint})
-            if rerun_of is not None:
-                _warn_differences(rerun_of[1], {"data.fingerprint": data.fingerprint})
-            if data.skipped_files:
-                tracked.log_skipped_files(data.skipped_files)
-            adapted = build(data)
-            trained = trainer.fit(
-                adapted,
-                data,
-                on_epoch_end=tracked.log_epoch,
-                checkpoint_dir=output_dir / "checkpoints",
-                resume=output_dir / "checkpoints" if resume else None,
-            )
-            log.info("trained weights sha256: %s", trained.weights_sha256)
-            tracked.set_tags({"weights_sha256": trained.weights_sha256, "feature_cache": trained.feature_cache})
-            weights = [v.numpy() for v in adapted.model.weights] if trainer.copies_to_evaluate else None
-        if not trainer.is_chief:
+        _open_run_dir(output_dir, resolved, tracked, fresh=resumed is None)
+        trained = _train(stages, tracked, check, output_dir, resumed is not None)
+        if trained is None:
             return {}  # non-chief workers train; the chief evaluates, exports and logs
-        if weights is not None:
-            adapted = build(data)
-            adapted.model.set_weights(weights)
-
-        evaluation = stages["evaluate"].evaluate(adapted, data, output_dir / "evaluation", trained.history,
-                                                 features=None if weights is not None else trained.features)
-        metrics = {**evaluation.metrics, "epochs_completed": float(trained.epochs_completed)}
-        exported = stages["export"].export(adapted, data, output_dir / "export")
-        metrics.update(exported.metrics)
-
-        # After the per-epoch points, so a metric's latest value is the final model's.
-        tracked.log_metrics(metrics, step=trained.epochs_completed)
-        metrics_file = output_dir / "metrics.json"
-        metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        tracked.log_artifact(metrics_file)
-        for path in evaluation.artifacts:
-            tracked.log_artifact(path, "evaluation")
-        if exported.paths:  # export=none writes nothing
-            tracked.log_artifact(exported.root, "export")
-        model_uri = tracked.log_model(exported.root) if "saved_model" in exported.paths else None
+        adapted, data, result = trained
+        evaluation = stages.evaluate.evaluate(adapted, data, output_dir / "evaluation", result.history,
+                                              features=result.features)
+        exported = stages.export.export(adapted, data, output_dir / "export")
+        metrics = {**evaluation.metrics, "epochs_completed": float(result.epochs_completed), **exported.metrics}
+        model_uri = _record(tracked, output_dir, metrics, evaluation, exported, step=result.epochs_completed)
     _print_summary(metrics, exported, tracked, model_uri)
     return metrics
+
+
+@dataclass(frozen=True)
+class Stages:
+    """One object per config group, built from the config before any weight is loaded."""
+
+    source: Any
+    data: Any
+    freeze: Any
+    head: Any
+    train: Any
+    evaluate: Any
+    export: Any
+    tracking: Any
+
+    @classmethod
+    def build(cls, cfg: DictConfig) -> Stages:
+        return cls(**{group: config.build(cfg, group) for group in cls.__dataclass_fields__})
+
+
+class RerunCheck:
+    """Warns about every recorded fact of the original run that differs now (reruns only)."""
+
+    def __init__(self, rerun_of: tuple[str, Mapping[str, str]] | None):
+        self.original = rerun_of[1] if rerun_of else None
+        self.tags = {"rerun_of": rerun_of[0]} if rerun_of else {}  # marks the new run
+
+    def compare(self, facts: dict[str, str]) -> dict[str, str]:
+        """Logs each fact that differs from the original run's; returns `facts`."""
+        for difference in provenance.differences(self.original or {}, facts):
+            log.warning("rerun: %s", difference)
+        return facts
+
+
+def _open_run_dir(output_dir: Path, resolved: dict[str, Any], tracked, fresh: bool) -> None:
+    """Creates the run directory; a fresh run writes its resolved config and run id there."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tracked.set_tags({"run_dir": str(output_dir.resolve())})
+    if fresh:
+        _write_run_files(output_dir, resolved, tracked)
+
+
+def _train(stages: Stages, tracked, check: RerunCheck, output_dir: Path, resuming: bool):
+    """Load, adapt and train inside the strategy's scope; `(adapted, data, TrainResult)` on the chief.
+
+    Under multi-worker training the model is rebuilt outside the scope with the trained
+    weights (`local_copy`), since evaluation and export are not multi-worker safe. Returns
+    None on the other workers.
+    """
+    trainer = stages.train
+    with trainer.distribute():
+        data = stages.data.load()
+        log.info("data: %s examples, classes %s", data.num_examples, list(data.class_names))
+        tracked.set_tags(check.compare({"data.fingerprint": data.fingerprint}))
+        if data.skipped_files:
+            tracked.log_skipped_files(data.skipped_files)
+        adapted = _adapt(stages, data, tracked, check)
+        checkpoints = output_dir / "checkpoints"
+        result = trainer.fit(adapted, data, on_epoch_end=tracked.log_epoch, checkpoint_dir=checkpoints,
+                             resume=checkpoints if resuming else None)
+        log.info("trained weights sha256: %s", result.weights_sha256)
+        tracked.set_tags({"weights_sha256": result.weights_sha256, "feature_cache": result.feature_cache})
+        weights = [v.numpy() for v in adapted.model.weights] if trainer.copies_to_evaluate else None
+    if not trainer.is_chief:
+        return None
+    if weights is not None:
+        adapted = local_copy(lambda: _adapt(stages, data, tracked, check), weights)
+        result = replace(result, features=None)  # the copy is evaluated on the images themselves
+    return adapted, data, result
+
+
+def local_copy(build: Callable[[], Any], weights: list[Any]) -> Any:
+    """A model built outside any strategy's scope, holding `weights` (in `model.weights` order)."""
+    adapted = build()
+    adapted.model.set_weights(weights)
+    return adapted
+
+
+def _adapt(stages: Stages, data, tracked, check: RerunCheck):
+    """The source, loaded and fingerprinted, under the new head with its freeze applied."""
+    from pipeline.adapt import adapt
+    from pipeline.features import backbone_fingerprint
+
+    source = stages.source.load()
+    log.info("source: %s, features %s", source.description, source.feature_shape)
+    tracked.set_tags(check.compare({"source.fingerprint": backbone_fingerprint(source.backbone)}))
+    return adapt(source, head=stages.head, freeze=stages.freeze, class_names=data.class_names,
+                 input_shape=data.input_shape, task=data.task)
+
+
+def _record(tracked, output_dir: Path, metrics: dict[str, float], evaluation, exported, step: int) -> str | None:
+    """Final metrics (after the per-epoch points), metrics.json, artifacts and the MLflow model."""
+    tracked.log_metrics(metrics, step=step)
+    metrics_file = output_dir / "metrics.json"
+    metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    tracked.log_artifact(metrics_file)
+    for path in evaluation.artifacts:
+        tracked.log_artifact(path, "evaluation")
+    if exported.paths:  # export=none writes nothing
+        tracked.log_artifact(exported.root, "export")
+    return tracked.log_model(exported.root) if "saved_model" in exported.paths else None
 
 
 def _write_run_files(output_dir: Path, resolved: dict[str, Any], tracked) -> None:
@@ -144,42 +185,6 @@ def _write_run_files(output_dir: Path, resolved: dict[str, Any], tracked) -> Non
         )
 
 
-@dataclass(frozen=True)
-class _ResumeTarget:
-    run_id: str
-    run_dir: Path
-
-
-def _resume_target(value: str | None, tracker, identity: str) -> _ResumeTarget | None:
-    """The run to continue: `auto` finds this config's killed run; or a run dir / run id."""
-    if value in (None, "never"):
-        return None
-    if value == "auto":
-        found = tracker.find_resumable(identity)
-        if found is None:
-            return None
-        run_id, run_dir = found
-        if not (Path(run_dir) / "checkpoints" / "state.json").exists():
-            return None
-        log.info("resuming run %s (killed before it finished) in %s", run_id, run_dir)
-        return _ResumeTarget(run_id, Path(run_dir))
-    if Path(value).is_dir():
-        run_file = Path(value) / RUN_FILE
-        if not run_file.exists():
-            raise ConfigError(f"resume={value!r}: the directory has no {RUN_FILE}; is it a run directory?")
-        run_id, run_dir = json.loads(run_file.read_text())["run_id"], Path(value)
-    else:
-        from pipeline.tracking import run_directory
-
-        run_id, run_dir = value, run_directory(tracker.uri, value)
-    if not (run_dir / "checkpoints" / "state.json").exists():
-        raise ConfigError(
-            f"resume={value!r}: {run_dir / 'checkpoints'} holds no checkpoint to continue from "
-            "(was the run trained with train.checkpoint=true?)"
-        )
-    return _ResumeTarget(run_id, run_dir)
-
-
 def _job_overrides() -> dict[str, str]:
     """This job's own overrides (in a sweep, what sets it apart from the other jobs)."""
     from hydra.core.hydra_config import HydraConfig
@@ -188,11 +193,6 @@ def _job_overrides() -> dict[str, str]:
         return {"overrides": " ".join(HydraConfig.get().overrides.task)}
     except ValueError:  # not started by Hydra (pipeline.rerun)
         return {}
-
-
-def _warn_differences(original: Mapping[str, str], current: Mapping[str, str]) -> None:
-    for difference in provenance.differences(original, current):
-        log.warning("rerun: %s", difference)
 
 
 @contextmanager
@@ -213,31 +213,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _is_chief(cfg: DictConfig) -> bool:
-    from pipeline.distribute import is_chief
-
-    return is_chief(cfg.train.strategy)
-
-
-def _build_stages(cfg: DictConfig) -> dict[str, Any]:
-    stages = {}
-    for group in ("source", "data", "freeze", "head", "train", "evaluate", "export", "tracking"):
-        try:
-            stages[group] = instantiate(cfg[group])
-        except PipelineError:
-            raise
-        except Exception as error:
-            cause = error.__cause__ or error
-            if isinstance(cause, PipelineError):  # a nested node's own, already clear, error
-                raise cause from None
-            raise ConfigError(
-                f"{group}: could not build {cfg[group].get('_target_')} from the config "
-                f"({type(cause).__name__}: {cause}). Check the keys of conf/{group}/ "
-                "against the target's arguments."
-            ) from error
-    return stages
 
 
 def _without_hydra(resolved: dict[str, Any]) -> dict[str, Any]:

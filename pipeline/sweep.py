@@ -16,6 +16,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from pipeline import compat
+
 PARENT_RUN_ENV = "PIPELINE_PARENT_RUN_ID"
 JOBS_FILE = "jobs.jsonl"  # one line per finished job, in the sweep directory
 log = logging.getLogger("pipeline")
@@ -49,7 +51,7 @@ class MlflowSweep(Callback):
 
         from pipeline.provenance import environment_tags
 
-        _optuna_storage_on_sqlalchemy2()
+        compat.patch_optuna_storage_for_sqlalchemy2()
         self._tracker = instantiate(config.tracking)
         self._objective = config.get("optimized_metric")
         self._jobs_file = Path(str(config.hydra.sweep.dir)) / JOBS_FILE
@@ -68,8 +70,7 @@ class MlflowSweep(Callback):
 
         if config.hydra.mode != RunMode.MULTIRUN:
             return
-        failed = job_return.status.name == "FAILED"
-        error = job_return._return_value if failed else None
+        error = compat.job_error(job_return)
         line = {
             "job": config.hydra.job.num,
             "overrides": " ".join(config.hydra.overrides.task),
@@ -96,28 +97,3 @@ class MlflowSweep(Callback):
             print(self._report.text(), flush=True)
         return self._report
 
-
-def _optuna_storage_on_sqlalchemy2() -> None:
-    """Let Optuna 2's persistent study storage work on SQLAlchemy 2.
-
-    hydra-optuna-sweeper pins optuna<3, whose RDB storage stamps its schema version on a
-    connection it never commits; SQLAlchemy 2 (which `mlflow server` needs) no longer
-    autocommits, so a new storage fails its own version check. Committing the stamp is
-    the whole fix. `test_optuna_search_runs_trials_and_continues_its_stored_study` covers it.
-    """
-    try:
-        import alembic.migration
-        import optuna
-        from optuna.storages._rdb.storage import _VersionManager
-    except ImportError:
-        return
-    if not optuna.__version__.startswith("2."):
-        return
-
-    def _set_alembic_revision(self, revision: str) -> None:
-        with self.engine.begin() as connection:
-            alembic.migration.MigrationContext.configure(connection).stamp(
-                self._create_alembic_script(), revision
-            )
-
-    _VersionManager._set_alembic_revision = _set_alembic_revision

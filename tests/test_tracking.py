@@ -218,3 +218,38 @@ def test_a_bad_register_as_names_the_key():
 
     with pytest.raises(ConfigError, match=r"tracking\.register_as='a/b'"):
         MlflowTracker(uri="sqlite:///x.db", register_as="a/b")
+
+
+def test_a_sqlite_store_gets_a_busy_timeout_and_other_stores_stay_as_given(tmp_path, monkeypatch):
+    from pipeline.tracking.store import SQLITE_BUSY_TIMEOUT_S, store_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert store_uri("sqlite:///m.db") == f"sqlite:///{tmp_path / 'm.db'}?timeout={SQLITE_BUSY_TIMEOUT_S}"
+    for unchanged in ("sqlite:////abs/m.db?timeout=5", "sqlite:///:memory:", "http://127.0.0.1:5000"):
+        assert store_uri(unchanged) == unchanged
+
+
+@pytest.mark.slow
+def test_processes_that_open_a_new_store_at_once_all_log_their_run(tmp_path):
+    """MLflow creates a new store's tables on first use; unlocked, all but one process fail."""
+    from conftest import PROJECT_ROOT
+
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    code = (
+        "import sys\nfrom pipeline.tracking import MlflowTracker\n"
+        "tracker = MlflowTracker(uri=sys.argv[1], experiment='new', artifact_location=sys.argv[2])\n"
+        "with tracker.run(params={'a': 1}, tags={}) as run:\n    run.log_metrics({'m': 1.0})\n"
+    )
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code, uri, str(tmp_path / "art")], cwd=PROJECT_ROOT,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    errors = [process.communicate(timeout=600)[1] for process in processes]
+    assert [p.returncode for p in processes] == [0] * 4, "\n".join(e[-2000:] for e in errors)
+    assert not any("database is locked" in e for e in errors)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.search_runs([client.get_experiment_by_name("new").experiment_id])
+    assert [r.info.status for r in found] == ["FINISHED"] * 4

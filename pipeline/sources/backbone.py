@@ -34,6 +34,16 @@ class PinnedModel(Pinnable, keras.layers.Wrapper):
         return self.layer.compute_output_shape(input_shape)
 
 
+def pin(model: keras.layers.Layer, name: str) -> PinnedModel:
+    """`model` as a frozen layer named `name` that no later `trainable = True` unfreezes.
+
+    Keras propagates `backbone.trainable = True` (what `freeze=none` does) to every
+    sublayer, which would undo `source.trainable=false`; the wrapper refuses it, and runs
+    the model in inference mode so BatchNorm statistics and dropout stay fixed.
+    """
+    return PinnedModel(model, trainable=False, name=name)
+
+
 def walk_layers(model):
     """Every layer inside `model`, depth first: nested models and models inside wrappers."""
     inner = getattr(model, "layers", None) or ([model.layer] if hasattr(model, "layer") else [])

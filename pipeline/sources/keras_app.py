@@ -73,7 +73,7 @@ class KerasAppSource:
         app = application(self.name, "source.name")
         preprocess = self.preprocess or preprocess_mode(app, f"source.name={self.name!r}")
         model = self._build(app)
-        from pipeline.sources.backbone import build_backbone
+        from pipeline.sources.backbone import build_backbone, pin
 
         return build_backbone(
             pin(model, "keras_app") if not self.trainable else model,
@@ -179,19 +179,19 @@ def preprocess_mode(app: Any, what: str) -> str:
 def _downloads_fail_fast(what: str, timeout: float):
     """Check that the server answers before Keras downloads a file that is not in its cache.
 
-    `keras.applications` fetch weights with `file_utils.get_file`, which has no timeout and
+    `keras.applications` fetch weights with Keras' `get_file`, which has no timeout and
     hangs offline. Wrapping it (for the duration of one build) learns each file's name and
     URL from Keras itself, so no table of weights files is kept here.
     """
-    from keras.src.utils import file_utils
+    from pipeline import compat
 
-    original = file_utils.get_file
+    original = compat.keras_get_file()
 
     def get_file(fname=None, origin=None, *args, cache_subdir="datasets", cache_dir=None, **kwargs):
         cache_dir = cache_dir or os.environ.get("KERAS_HOME") or os.path.join("~", ".keras")
         name = fname or os.path.basename(urlparse(origin).path)
         if not (_cache_root(cache_dir) / cache_subdir / name).exists():
-            check_reachable(what, urlparse(origin).hostname or origin, timeout, _OFFLINE_HELP)
+            check_reachable(what, origin, timeout, _OFFLINE_HELP)
         try:
             return original(fname, origin, *args, cache_subdir=cache_subdir, cache_dir=cache_dir, **kwargs)
         except Exception as error:
@@ -200,11 +200,8 @@ def _downloads_fail_fast(what: str, timeout: float):
                 + _OFFLINE_HELP
             ) from error
 
-    file_utils.get_file = get_file
-    try:
+    with compat.replace_keras_get_file(get_file):
         yield
-    finally:
-        file_utils.get_file = original
 
 
 def _cache_root(cache_dir: str) -> Path:
@@ -214,14 +211,3 @@ def _cache_root(cache_dir: str) -> Path:
         root = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras")
     return Path(root)
 
-
-def pin(model: Any, name: str) -> Any:
-    """`model` as a frozen layer named `name` that no later `trainable = True` unfreezes.
-
-    Keras propagates `backbone.trainable = True` (what `freeze=none` does) to every
-    sublayer, which would undo `source.trainable=false`; the wrapper refuses it, and runs
-    the model in inference mode so BatchNorm statistics and dropout stay fixed.
-    """
-    from pipeline.sources.backbone import PinnedModel
-
-    return PinnedModel(model, trainable=False, name=name)

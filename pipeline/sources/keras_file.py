@@ -72,7 +72,7 @@ class KerasFileSource:
         extractor = self._cut(model)
         input_shape = self._input_shape(extractor)
         from pipeline.sources.backbone import build_backbone
-        from pipeline.sources.keras_app import pin
+        from pipeline.sources.backbone import pin
 
         return build_backbone(
             pin(extractor, "keras_file") if not self.trainable else extractor,

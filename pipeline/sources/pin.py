@@ -21,7 +21,7 @@ class Pinnable:
 
     @property
     def trainable(self) -> bool:
-        return self._trainable
+        return keras.layers.Layer.trainable.fget(self)
 
     @trainable.setter
     def trainable(self, value: bool) -> None:

@@ -77,7 +77,7 @@ class RunSource:
         import keras
 
         from pipeline.sources.backbone import build_backbone
-        from pipeline.sources.keras_app import pin
+        from pipeline.sources.backbone import pin
 
         # Preprocessing stays the first layer, in front of the pinned rest, as for any source;
         # the rest shares the checkpoint's layers and so its weights.

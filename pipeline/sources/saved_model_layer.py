@@ -22,11 +22,20 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from pipeline import compat
 from pipeline.sources.pin import Pinnable
+
+# `_AliasVariable` overrides a private method of `keras.Variable`, so it stays a class here;
+# fail at import, naming the patch, if the installed Keras no longer has what it overrides.
+compat.check_saved_model_layer()
 
 
 class _AliasVariable(keras.Variable):
-    """A Keras variable that uses an existing `tf.Variable` as its storage (no copy)."""
+    """A Keras variable that uses an existing `tf.Variable` as its storage (no copy).
+
+    Overrides `keras.Variable._initialize`, a private method: see `pipeline.compat`
+    (SAVED_MODEL_LAYER), which checks it at import of this module.
+    """
 
     def __init__(self, variable: tf.Variable, name: str):
         self._alias = variable
@@ -126,12 +135,9 @@ class SavedModelLayer(Pinnable, keras.layers.Layer):
         variables = getattr(loaded, "variables", None)
         if variables is None or self.signature is not None:
             variables = self._function.variables
-        locked = self._tracker.locked
-        self._tracker.unlock()
-        for variable in _unique(variables):
-            self._track_variable(_AliasVariable(variable, _keras_name(variable)))
-        if locked:
-            self._tracker.lock()
+        with compat.unlocked(self):  # also after the layer is built (`load_assets`)
+            for variable in _unique(variables):
+                compat.track_variable(self, _AliasVariable(variable, _keras_name(variable)))
 
     @property
     def loaded(self) -> Any:
@@ -220,7 +226,7 @@ class SavedModelLayer(Pinnable, keras.layers.Layer):
             return  # an old file, built from its handle
         self._attach(tf.saved_model.load(dir_path))
         values = self._pending_values or []
-        variables = self._trainable_variables + self._non_trainable_variables
+        variables = self.weights  # the order Keras saved them in: trainable, then not
         if len(values) != len(variables):
             raise ValueError(
                 f"SavedModelLayer {self.name!r}: the file holds {len(values)} values but its "

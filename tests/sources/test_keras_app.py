@@ -158,6 +158,26 @@ def test_imagenet_offline_fails_within_seconds_with_the_offline_options(monkeypa
 
 
 @pytest.mark.filterwarnings("ignore:`input_shape` is undefined")
+def test_a_weights_server_that_never_answers_fails_after_fetch_timeout(monkeypatch, tmp_path, silent_server):
+    from keras.src.applications import mobilenet_v2
+    from keras.src.utils import file_utils
+
+    port, accepted = silent_server
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(mobilenet_v2, "BASE_WEIGHT_PATH", f"https://127.0.0.1:{port}/weights/")
+    monkeypatch.setattr(file_utils, "get_file", _no_download)
+    started = time.monotonic()
+    with pytest.raises(SourceError) as caught:
+        KerasAppSource(name="MobileNetV2", weights="imagenet", input_shape=SHAPE, fetch_timeout=2).load()
+    waited = time.monotonic() - started
+    assert len(accepted) == 1  # the server of the weights URL, not port 443
+    assert 1.8 <= waited < 8, waited  # building the architecture takes a moment too
+    message = str(caught.value)
+    assert "source.weights='imagenet'" in message and f"127.0.0.1:{port} is unreachable after 2" in message
+    assert "KERAS_HOME" in message
+
+
+@pytest.mark.filterwarnings("ignore:`input_shape` is undefined")
 def test_imagenet_weights_in_the_keras_cache_need_no_network(monkeypatch, tmp_path, images):
     import keras
     from keras.src.utils import file_utils
@@ -176,7 +196,7 @@ def test_imagenet_weights_in_the_keras_cache_need_no_network(monkeypatch, tmp_pa
     monkeypatch.setattr(file_utils, "get_file", keras_get_file)
     monkeypatch.setattr("pipeline.sources.keras_app.check_reachable", lambda *a, **k: checks.append(a))
     KerasAppSource(name="MobileNetV2", weights="imagenet", input_shape=SHAPE).load()
-    assert len(checks) == 1 and checks[0][1] == "storage.googleapis.com"
+    assert len(checks) == 1 and checks[0][1].startswith("https://storage.googleapis.com/")
 
     (tmp_path / "home" / "models").mkdir(parents=True, exist_ok=True)
     (tmp_path / "home" / "models" / calls[0][0]).write_bytes(b"cached")

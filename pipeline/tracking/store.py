@@ -1,0 +1,109 @@
+"""The tracking store: its URI, and the one way this package reaches it.
+
+Every MLflow call, reads and writes, `log_model` and registration included, goes through
+`client(uri)` or `active_store(uri)`, so all of them wait for a busy SQLite store alike.
+
+Parallel sweep jobs share one SQLite file, and SQLite lets one writer in at a time. The
+others wait in SQLite's busy handler rather than fail: MLflow sets a 20 s busy timeout in
+each of its sessions, and `store_uri` gives the connections it opens before a session
+(checking and creating the tables) a timeout too, through the sqlite driver's `timeout`
+URI parameter. What a busy timeout cannot cover is two processes creating a new store's
+tables at once (each fails on the other's half-made tables), so a store is opened under a
+file lock beside the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_SQLITE = "sqlite:///"
+# Seconds a connection waits for another process's lock before "database is locked", until
+# MLflow's first session on it sets its own 20 s. Writes hold the lock for milliseconds;
+# creating a new store's tables takes seconds.
+SQLITE_BUSY_TIMEOUT_S = 60
+
+
+def absolute_uri(uri: str) -> str:
+    """`sqlite:///mlflow.db` relative to the working directory becomes an absolute URI."""
+    if uri.startswith(_SQLITE) and not uri.startswith(_SQLITE + "/"):
+        path = uri[len(_SQLITE) :]
+        if path and path != ":memory:":
+            return _SQLITE + str(Path(path).resolve())
+    return uri
+
+
+def store_uri(uri: str) -> str:
+    """The URI MLflow is given: a SQLite file's URI with the busy timeout as its `timeout`.
+
+    SQLAlchemy's sqlite driver passes `timeout` to `sqlite3.connect`, which sets SQLite's
+    busy timeout on every connection of the engine that MLflow builds. A URI that already
+    has a query (`?timeout=5`) is the user's choice and stays as given.
+    """
+    uri = absolute_uri(uri)
+    if _database_file(uri) is None or "?" in uri:
+        return uri
+    return f"{uri}?timeout={SQLITE_BUSY_TIMEOUT_S}"
+
+
+def client(uri: str) -> Any:
+    """An `MlflowClient` of the store at `uri` (tracking and model registry)."""
+    from mlflow.tracking import MlflowClient
+
+    configured = store_uri(uri)
+    with _opening(configured):  # MlflowClient builds the store, and its tables if new
+        return MlflowClient(tracking_uri=configured)
+
+
+@contextmanager
+def active_store(uri: str) -> Iterator[None]:
+    """Points MLflow's global tracking URI at `uri` meanwhile, for the APIs that read it
+    (model logging and loading); the previous URI is restored after."""
+    import mlflow
+
+    configured = store_uri(uri)
+    client(uri)  # builds the store under the lock; MLflow keeps it for this URI
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(configured)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _database_file(uri: str) -> Path | None:
+    """The database file of a SQLite URI; None for an in-memory or a non-SQLite store."""
+    if not uri.startswith(_SQLITE):
+        return None
+    path = uri[len(_SQLITE) :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextmanager
+def _opening(uri: str) -> Iterator[None]:
+    """Holds an exclusive lock on `<database>.lock` while a SQLite store is opened.
+
+    MLflow creates a new store's tables on first use without a lock of its own; two
+    processes doing so at once fail with "table ... already exists" or "duplicate column".
+    Without `fcntl` (Windows) or where the lock file cannot be written (a read-only store),
+    the store is opened unlocked, as MLflow would.
+    """
+    database = _database_file(uri)
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if database is None or fcntl is None:
+        yield
+        return
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(database.with_name(database.name + ".lock"), "a")
+    except OSError:
+        yield
+        return
+    with handle:  # closing the file releases the lock
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

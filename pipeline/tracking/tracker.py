@@ -1,0 +1,265 @@
+"""The tracker, which opens MLflow runs, and the run that stages report to.
+
+A run is opened by `MlflowTracker.run(...)` and always closed with a final status:
+FINISHED, FAILED (with the traceback as an artifact) or KILLED (interrupted).
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+from pipeline.tracking import model, report, store
+
+_MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
+
+
+class TrackedRun:
+    """An open MLflow run; stages report to it through the runner."""
+
+    def __init__(
+        self,
+        client: Any,
+        run_id: str,
+        tracking_uri: str,
+        experiment: str,
+        register_as: str | None = None,
+    ):
+        self._client = client
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.register_as = register_as
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Per-epoch metrics with step = epoch (Keras' 0-based epoch index)."""
+        self.log_metrics(metrics, step=epoch)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if Path(path).is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_skipped_files(self, paths: Sequence[str]) -> None:
+        """The files the data stage could not decode: a count metric and a list artifact."""
+        import tempfile
+
+        self.log_metrics({"data_skipped_files": float(len(paths))})
+        with tempfile.TemporaryDirectory() as directory:
+            listing = Path(directory) / "skipped_files.txt"
+            listing.write_text("\n".join(paths) + "\n")
+            self.log_artifact(listing)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self._client.set_tag(self.run_id, key, value)
+
+    def log_model(self, export_root: Path) -> str:
+        """Logs the export's SavedModel as this run's MLflow model `model`; returns its URI.
+
+        See `pipeline.tracking.model.log_model`: `models:/NAME/<version>` when registered
+        (`tracking.register_as=NAME`), otherwise `runs:/<run_id>/model`.
+        """
+        return model.log_model(
+            self._client, self.run_id, self.tracking_uri, Path(export_root), self.register_as
+        )
+
+    @property
+    def ui_command(self) -> str:
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return f"open {self.tracking_uri}/#/experiments in a browser"
+        return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+
+
+class MlflowTracker:
+    """Opens MLflow runs in one experiment of one tracking store.
+
+    Args:
+        uri: the tracking store: `sqlite:///mlflow.db` (MLflow's embedded default, in the
+            directory you run from), another database URI, or a server `http://host:5000`.
+            A SQLite store is shared by parallel jobs, each waiting its turn to write for
+            up to `store.SQLITE_BUSY_TIMEOUT_S` (or `?timeout=SECONDS` given in the URI).
+        experiment: the MLflow experiment the runs are grouped under; created if missing.
+        run_name: the run's display name; MLflow picks one when null.
+        artifact_location: where a *new* experiment stores artifacts; null takes the
+            store's default (`./mlruns` beside a local database).
+        register_as: also register the logged model under this name in the Model
+            Registry (a new version each run); null only logs it with the run.
+
+    Example:
+        >>> with MlflowTracker("sqlite:///mlflow.db", "digits").run(params, tags) as run:
+        ...     run.log_metrics({"test_accuracy": 0.97})
+    """
+
+    def __init__(
+        self,
+        uri: str = "sqlite:///mlflow.db",
+        experiment: str = "transfer",
+        run_name: str | None = None,
+        artifact_location: str | None = None,
+        register_as: str | None = None,
+    ):
+        if not uri:
+            raise ConfigError("tracking.uri is empty: set it, for example tracking.uri=sqlite:///mlflow.db")
+        if register_as is not None and (not register_as.strip() or "/" in register_as or ":" in register_as):
+            raise ConfigError(
+                f"tracking.register_as={register_as!r} is not a usable model name: expected a "
+                "non-empty name without '/' or ':', for example tracking.register_as=digits-classifier"
+            )
+        self.uri = store.absolute_uri(uri)
+        self.experiment = experiment
+        self.run_name = run_name
+        self.artifact_location = artifact_location
+        self.register_as = register_as
+
+    def _client(self):
+        return store.client(self.uri)
+
+    def _experiment_id(self, client) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+        except MlflowException:
+            # Another process created it between our look-up and our create.
+            found = client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    @contextmanager
+    def run(
+        self,
+        params: Mapping[str, str],
+        tags: Mapping[str, str],
+        record: bool = True,
+        resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> Iterator[TrackedRun]:
+        """Open a run, log `params` and `tags`, and close it with the right status.
+
+        Args:
+            record: false (a non-chief worker) logs nothing anywhere.
+            resume_run_id: reopen this run instead of creating one (its params stay).
+            parent_run_id: make the run a child of this one (a sweep's parent run).
+        """
+        if not record:
+            yield _SilentRun()
+            return
+        from mlflow.entities import Param
+
+        client = self._client()
+        tags = {key: str(value) for key, value in tags.items()}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        if resume_run_id:
+            client.update_run(resume_run_id, status="RUNNING")
+            for key, value in tags.items():
+                client.set_tag(resume_run_id, key, value)
+            run_id, params = resume_run_id, {}
+        else:
+            created = client.create_run(self._experiment_id(client), run_name=self.run_name, tags=tags)
+            run_id = created.info.run_id
+        run = TrackedRun(client, run_id, self.uri, self.experiment, self.register_as)
+        try:
+            params_list = [Param(k, str(v)[:_MAX_PARAM_LENGTH]) for k, v in params.items()]
+            for start in range(0, len(params_list), 100):  # MLflow takes 100 params a batch
+                client.log_batch(run.run_id, params=params_list[start : start + 100])
+            client.set_tag(run.run_id, "mlflow.source.type", "LOCAL")
+            yield run
+        except KeyboardInterrupt:
+            client.set_terminated(run.run_id, status="KILLED")
+            raise
+        except BaseException as error:
+            _log_traceback(client, run.run_id, error)
+            client.set_terminated(run.run_id, status="FAILED")
+            raise
+        else:
+            client.set_terminated(run.run_id, status="FINISHED")
+
+    def find_resumable(self, config_sha256: str) -> tuple[str, str] | None:
+        """The newest run of this config that was killed (or whose process died), if any."""
+        from pipeline.provenance import is_alive
+
+        client = self._client()
+        found = client.get_experiment_by_name(self.experiment)
+        if found is None:
+            return None
+        runs = client.search_runs(
+            [found.experiment_id],
+            filter_string=f"tags.config_sha256 = '{config_sha256}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=20,
+        )
+        for candidate in runs:
+            status, tags = candidate.info.status, candidate.data.tags
+            if status == "KILLED" or (status == "RUNNING" and not is_alive(tags)):
+                if tags.get("run_dir"):
+                    return candidate.info.run_id, tags["run_dir"]
+        return None
+
+    def open_parent(self, name: str, tags: Mapping[str, str]) -> str:
+        """Create a sweep's parent run; its children name it in `mlflow.parentRunId`."""
+        client = self._client()
+        created = client.create_run(self._experiment_id(client), run_name=name, tags=dict(tags))
+        return created.info.run_id
+
+    def close_parent(
+        self, run_id: str, objective: str | None, jobs: Sequence[Mapping[str, Any]]
+    ) -> report.SweepReport:
+        """Finish a sweep's parent run from its jobs' outcomes (`jobs.jsonl`) and its children."""
+        return report.close_sweep(self._client(), run_id, self.experiment, objective, jobs)
+
+
+def _log_traceback(client, run_id: str, error: BaseException) -> None:
+    import tempfile
+
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "traceback.txt")
+        with open(path, "w") as handle:
+            handle.write(text)
+        try:
+            client.log_artifact(run_id, path)
+        except Exception:  # the status below matters more than the artifact
+            pass
+    client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+
+
+class _SilentRun(TrackedRun):
+    """Stands in for a run on processes that must not log (non-chief workers)."""
+
+    def __init__(self):
+        super().__init__(client=None, run_id="", tracking_uri="", experiment="")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_skipped_files(self, paths: Sequence[str]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_model(self, export_root: Path) -> str:
+        return ""
