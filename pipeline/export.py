@@ -22,7 +22,7 @@ from pipeline.errors import ConfigError, ExportError
 from pipeline.tflite import QUANTIZATIONS, Quantization
 from pipeline.types import AdaptedModel, DataBundle, ExportResult
 
-Format = Literal["saved_model", "keras", "tflite"]
+Format = Literal["saved_model", "keras", "tflite", "onnx"]
 FORMATS: tuple[str, ...] = get_args(Format)
 # The gap TFLite's own kernels leave, by quantization, when export.tflite_tolerance is null.
 TFLITE_TOLERANCE = {"none": 1e-4, "float16": 1e-2, "int8": 0.25}
@@ -36,7 +36,8 @@ class Exporter:
         formats: any of `saved_model` (signatures `serving_default` on float 0-255 images
             of any size, `serving_uint8`, `serving_bytes` on encoded files; see
             `pipeline.serving`), `keras` (a self-contained `.keras` file for
-            `keras.saving.load_model`) and `tflite` (`model.tflite`, fixed image size).
+            `keras.saving.load_model`), `tflite` (`model.tflite`, fixed image size) and `onnx`
+            (`model.onnx`, fixed image size; needs the `onnx` extra).
         quantization: for `tflite`: `none`, `float16` or `int8` (calibrated on training
             images); the accuracy change is reported as `export_tflite_accuracy_delta`.
         calibration_examples: training images that set the int8 activation ranges.
@@ -131,6 +132,7 @@ class Exporter:
             "saved_model": SavedModelFormat(self.tolerance),
             "keras": KerasFormat(self.tolerance),
             "tflite": TfliteFormat(self.quantization, self.calibration_examples, tflite_tolerance),
+            "onnx": OnnxFormat(self.tolerance),
         }
         return {name: writers[name] for name in self.formats}
 
@@ -233,6 +235,48 @@ class TfliteFormat:
         path.write_bytes(tflite.convert(source, self.quantization, calibration))
         shutil.rmtree(source)
         actual = tflite.predict(path, images)
+        return Written(path, _max_abs_diff(actual, expected), actual)
+
+
+class OnnxFormat:
+    """`model.onnx` (fixed image size, opset 17) through tf2onnx, checked with ONNX Runtime.
+
+    Needs the `onnx` extra (`pip install -e ".[onnx]"`: tf2onnx, onnx, onnxruntime). Input
+    `images` float32 raw 0-255 `[batch, height, width, channels]` of the training size; output
+    `probabilities`, one per class name in `labels.txt` order.
+    """
+
+    tolerance_key = "export.tolerance"
+    reports_accuracy = False
+
+    def __init__(self, tolerance: float):
+        self.tolerance = tolerance
+
+    def write(self, adapted, data, staging, images, expected) -> Written:
+        import numpy as np
+        import tensorflow as tf
+
+        from pipeline.heads import class_probabilities
+
+        try:
+            import onnxruntime
+            import tf2onnx
+        except ImportError as error:
+            raise ExportError(
+                f"export.formats includes onnx, but {error.name} is not installed: run "
+                "`pip install -e \".[onnx]\"` (tf2onnx, onnx, onnxruntime), or drop onnx from export.formats."
+            ) from None
+        model, task = adapted.model, adapted.task
+
+        @tf.function(input_signature=[tf.TensorSpec((None, *data.input_shape), tf.float32, name="images")])
+        def probabilities(images):
+            return {"probabilities": class_probabilities(model(images, training=False), task)}
+
+        path = staging / "model.onnx"
+        tf2onnx.convert.from_function(probabilities, input_signature=probabilities.input_signature,
+                                      opset=17, output_path=str(path))
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (actual,) = session.run(["probabilities"], {"images": np.asarray(images, dtype="float32")})
         return Written(path, _max_abs_diff(actual, expected), actual)
 
 

@@ -214,7 +214,7 @@ def test_keras_format_reloads_and_predicts_the_same(exported):
     )
 
 
-@pytest.mark.parametrize("imports", ["import pipeline, keras", "import keras, pipeline"])
+@pytest.mark.parametrize("imports", ["import pipeline, keras", "import keras, pipeline", "import pipeline, tensorflow, keras"])
 def test_keras_file_loads_in_a_fresh_python_after_import_pipeline(exported, tmp_path, imports):
     """What a consumer does: a plain `import pipeline`, nothing else of ours, in either order."""
     adapted, _, destination = exported
@@ -448,3 +448,29 @@ def test_a_process_killed_midway_leaves_nothing_at_the_destination(hub_model_dir
     (partial,) = _partials(destination.parent)
     assert partial.name.startswith(".export-partial-")
     assert (partial / "saved_model" / "saved_model.pb").is_file()
+
+
+def test_onnx_runs_in_onnx_runtime_like_the_in_memory_model(hub_model_dir, tmp_path):
+    """`export.formats=[onnx]`: a fine-tuned TF Hub model, read back by ONNX Runtime."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    adapted = _adapted(hub_model_dir, task="binary", class_names=("no", "yes"))
+    _spread(adapted, seed=4)
+    result = Exporter(formats=["onnx"]).export(adapted, _data(_images(), class_names=("no", "yes")),
+                                                tmp_path / "export")
+    session = onnxruntime.InferenceSession(str(result.paths["onnx"]), providers=["CPUExecutionProvider"])
+    images = _images(10, seed=12)
+    (probabilities,) = session.run(["probabilities"], {"images": images})
+    p = adapted.model.predict(images, verbose=0)
+    np.testing.assert_allclose(probabilities, np.hstack([1 - p, p]), atol=1e-5)  # both classes, in order
+    assert len(set(np.argmax(probabilities, axis=1))) > 1
+    assert result.max_abs_diff["onnx"] <= 1e-5
+
+
+def test_onnx_without_its_packages_names_the_extra(exported, tmp_path, monkeypatch):
+    import sys
+
+    adapted, _, _ = exported
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)  # as if not installed
+    with pytest.raises(ExportError, match=r'pip install -e "\.\[onnx\]"'):
+        Exporter(formats=["onnx"]).export(adapted, _data(_images()), tmp_path / "export")
+    assert not (tmp_path / "export").exists() and not _partials(tmp_path)
