@@ -23,21 +23,27 @@ def adapt(
     class_names: tuple[str, ...],
     input_shape: tuple[int, ...],
     task: Task,
+    resizable: bool = True,
 ) -> AdaptedModel:
     """Build `head(backbone(images))` for the target task.
 
     Args:
         input_shape: the shape of the data's images; must be what the source takes.
+        resizable: whether the data option sets its image size (`data.image_size`,
+            `data.channels`); the mismatch error only suggests keys that exist.
     """
     import keras
 
     if tuple(input_shape) != tuple(source.input_shape):
+        data_fix = (
+            f"set data.image_size=[{','.join(map(str, source.input_shape[:2]))}] and "
+            f"data.channels={source.input_shape[-1]} to match the source, or "
+            if resizable else ""
+        )
         raise DataError(
             f"the data's images have shape {tuple(input_shape)} but the source "
-            f"({source.description}) takes {tuple(source.input_shape)}: set "
-            f"data.image_size={list(source.input_shape[:2])} and "
-            f"data.channels={source.input_shape[-1]} to match the source, or "
-            f"source.input_shape={list(input_shape)} to match the data."
+            f"({source.description}) takes {tuple(source.input_shape)}: {data_fix}set "
+            f"source.input_shape=[{','.join(map(str, input_shape))}] to match the data."
         )
     frozen = freeze.apply(source.backbone)
     head_model = head.build(source.feature_shape, len(class_names), task)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pipeline.errors import ConfigError, ExportError
+from pipeline.files import remove_stale
 from pipeline.tflite import QUANTIZATIONS, Quantization
 from pipeline.types import AdaptedModel, DataBundle, ExportResult
 
@@ -90,6 +91,7 @@ class Exporter:
                 "directory (each Hydra run gets its own) or move the old export away."
             )
         destination.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(destination.parent, f".{destination.name}-partial-*")  # of killed runs
         images, labels = _verification_set(data, self.verify_examples)
         expected = _class_probabilities(adapted.model.predict(images, verbose=0), adapted.task)
         # mkdir, not tempfile.mkdtemp: mkdtemp's 0700 mode would follow the export into place
@@ -169,7 +171,7 @@ class SavedModelFormat:
 
         path = write_saved_model(
             adapted.model, adapted.class_names, adapted.task, data.input_shape, data.resize,
-            staging / "saved_model",
+            staging / "saved_model", max_pixels=data.max_pixels,
         )
         signatures = tf.saved_model.load(str(path)).signatures
         actual = signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()

@@ -23,6 +23,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pipeline.files import remove_stale
+
 log = logging.getLogger("pipeline")
 SPLITS = ("train", "val", "test")
 FORMAT = "2"  # entries of another layout are never read (1 had no test split)
@@ -80,6 +82,7 @@ class FeatureCache:
         import tensorflow as tf
 
         self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale(self.root, ".partial-*")  # of killed jobs; a live job's is fresh
         partial = self.root / f".partial-{entry.name}-{uuid.uuid4().hex[:8]}"
         extract = tf.function(lambda images: backbone(images, training=False))
         try:

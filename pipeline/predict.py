@@ -14,13 +14,17 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.data.decode import MAX_PIXELS
 from pipeline.errors import DataError, ExportError, PipelineError
+
+log = logging.getLogger("pipeline")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _URI_SCHEMES = ("runs:/", "models:/", "file:/", "s3://", "gs://", "http://", "https://", "dbfs:/")
@@ -42,20 +46,22 @@ def predict(
     top_k: int = 3,
     tracking_uri: str = "sqlite:///mlflow.db",
     batch_size: int = 32,
+    max_pixels: int = MAX_PIXELS,
 ) -> list[Prediction]:
-    """The `top_k` classes of every image that `images` names, from the model at `source`.
+    """The `top_k` classes of every readable image that `images` names, from the model at `source`.
+
+    A file that is not a decodable image, or whose header declares more than `max_pixels`
+    pixels, is reported (a warning naming it and why) and left out; the others are predicted.
 
     Raises:
         ExportError: the source is not an export, SavedModel or loadable MLflow model.
-        DataError: an image pattern matches nothing, or a file is not a readable image.
+        DataError: an image pattern matches nothing, or no file is a readable image.
     """
     if top_k < 1:
         raise DataError(f"--top-k={top_k}: expected 1 or more, for example --top-k 3")
     is_uri = source.startswith(_URI_SCHEMES)
     saved_model = None if is_uri else _saved_model_dir(Path(source))
-    paths = find_images(images)  # before TensorFlow and the model: fail fast
-    contents = [path.read_bytes() for path in paths]
-    _check_decodable(paths, contents)
+    paths, contents = readable_images(find_images(images), max_pixels)  # before TensorFlow: fail fast
     if is_uri:
         probabilities, class_names = _mlflow_model(source, tracking_uri, contents, batch_size)
     else:
@@ -103,20 +109,33 @@ def _saved_model_dir(source: Path) -> Path:
     )
 
 
-def _check_decodable(paths: Sequence[Path], contents: Sequence[bytes]) -> None:
-    import tensorflow as tf
+def readable_images(paths: Sequence[Path], max_pixels: int = MAX_PIXELS) -> tuple[list[Path], list[bytes]]:
+    """The files that training would read too (the data stage's pre-scan), with their bytes.
 
-    from pipeline.data.decode import read_pixels
+    Each other file is reported in one warning line and left out. Raises DataError when
+    none is left.
+    """
+    from pipeline.data.scan import image_problem
 
-    for path, data in zip(paths, contents):
+    kept_paths, kept = [], []
+    for path in paths:
         try:
-            read_pixels(data)
-        except (tf.errors.InvalidArgumentError, ValueError) as error:
-            message = getattr(error, "message", str(error)).splitlines()[0]
-            raise DataError(
-                f"{path} is not a readable image ({message}); expected a JPEG, PNG, BMP or GIF "
-                "file. Remove it from IMAGES or convert it."
-            ) from None
+            data = path.read_bytes()
+        except OSError as error:
+            problem = f"cannot be read ({error.strerror})"
+        else:
+            problem = image_problem(data, max_pixels)
+        if problem:
+            log.warning("skipped %s: %s", path, problem.replace("(data.max_pixels)", "(--max-pixels)"))
+            continue
+        kept_paths.append(path)
+        kept.append(data)
+    if not kept:
+        raise DataError(
+            f"none of the {len(paths)} file(s) is a readable image (see the warnings above); expected "
+            "JPEG, PNG, BMP, GIF or WebP files. Fix or convert them."
+        )
+    return kept_paths, kept
 
 
 def _saved_model(directory: Path, contents: Sequence[bytes], batch_size: int):
@@ -210,11 +229,16 @@ def main(argv: Sequence[str] | None = None, output: Callable[[str], None] = prin
         help="the MLflow store for runs:/ and models:/ URIs (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    parser.add_argument(
+        "--max-pixels", type=int, default=MAX_PIXELS,
+        help=f"skip files whose header declares more pixels, width x height (default {MAX_PIXELS:,})",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        predictions = predict(args.source, args.images, args.top_k, args.tracking_uri, args.batch_size)
+        predictions = predict(args.source, args.images, args.top_k, args.tracking_uri, args.batch_size,
+                              args.max_pixels)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2

@@ -158,7 +158,7 @@ def _adapt(stages: Stages, data, tracked, check: RerunCheck):
     log.info("source: %s, features %s", source.description, source.feature_shape)
     tracked.set_tags(check.compare({"source.fingerprint": backbone_fingerprint(source.backbone)}))
     return adapt(source, head=stages.head, freeze=stages.freeze, class_names=data.class_names,
-                 input_shape=data.input_shape, task=data.task)
+                 input_shape=data.input_shape, task=data.task, resizable=data.resizable)
 
 
 def _record(tracked, output_dir: Path, metrics: dict[str, float], evaluation, exported, step: int) -> str | None:

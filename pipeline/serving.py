@@ -46,12 +46,17 @@ def write_saved_model(
     input_shape: tuple[int, ...],
     resize: str,
     path: Path,
+    max_pixels: int = 100_000_000,
 ) -> Path:
-    """Writes `model` (raw 0-255 images of `input_shape` -> head outputs) with the signatures above."""
+    """Writes `model` (raw 0-255 images of `input_shape` -> head outputs) with the signatures above.
+
+    `serving_bytes` refuses a file whose header declares more than `max_pixels` pixels
+    (an InvalidArgumentError naming the limit), before decoding it.
+    """
     import keras
     import tensorflow as tf
 
-    from pipeline.data.decode import decode_bytes, serving_pixels
+    from pipeline.data.decode import decode_bytes, declared_pixels, serving_pixels
 
     height, width, channels = input_shape
     names = tf.constant([str(name) for name in class_names])
@@ -68,9 +73,19 @@ def write_saved_model(
     def serve_uint8(images):
         return serve_float(tf.cast(images, tf.float32))
 
+    def decode_checked(contents):
+        within = tf.debugging.assert_less_equal(
+            declared_pixels(contents), tf.constant(max_pixels, tf.int64),
+            message=f"an image's header declares more than {max_pixels} pixels (width x height), the "
+                    "limit this model was exported with (data.max_pixels); it was not decoded. Send a "
+                    "smaller image",
+        )
+        with tf.control_dependencies([within]):
+            return decode_bytes(contents, channels, (height, width), resize)
+
     def serve_bytes(images):
         decoded = tf.map_fn(
-            lambda contents: decode_bytes(contents, channels, (height, width), resize),
+            decode_checked,
             images,
             fn_output_signature=tf.TensorSpec((height, width, channels), tf.uint8),
         )

@@ -193,8 +193,10 @@ class Trainer:
         features = None
         try:
             if first_epoch < cached_epochs:
-                features, hit = FeatureCache(Path(self.feature_cache_dir)).load_or_compute(adapted.backbone, data)
-                cache_status = "hit" if hit else "computed"
+                features, cache_status = self._cached_features(adapted, data)
+                if features is None:  # the cache is optional: train the whole model instead
+                    cached_epochs = 0
+            if first_epoch < cached_epochs:
                 self._compile(adapted.head, adapted, optimizer)
                 histories.append(self._fit(adapted.head, features["train"], features["val"], adapted.task,
                                            None, callbacks, first_epoch, cached_epochs, data))
@@ -267,6 +269,25 @@ class Trainer:
             jit_compile=self.jit_compile,
             steps_per_execution=self.steps_per_execution,
         )
+
+    def _cached_features(self, adapted: AdaptedModel, data: DataBundle) -> tuple[Any, str]:
+        """The cached backbone outputs and `hit`/`computed`, or None and why the cache failed.
+
+        An unwritable or full `train.feature_cache_dir` costs speed, never the run.
+        """
+        cache = FeatureCache(Path(self.feature_cache_dir))
+        try:
+            features, hit = cache.load_or_compute(adapted.backbone, data)
+        except OSError as error:
+            reason = f"{type(error).__name__}: {error.strerror or error}"
+            log.warning(
+                "feature cache: train.feature_cache_dir=%r is not usable (%s); training without "
+                "it, the backbone runs every epoch. Point train.feature_cache_dir at a writable "
+                "folder with free space, or set train.feature_cache=false.",
+                str(self.feature_cache_dir), reason,
+            )
+            return None, f"unusable ({reason})"
+        return features, "hit" if hit else "computed"
 
     def _fit(self, model, train, val, task, augmentation, callbacks, initial_epoch, epochs, data) -> Any:
         import tensorflow as tf

@@ -36,6 +36,10 @@ class DataBundle:
             data set and split), for caches and reruns.
         resize: the policy that brought every image to `input_shape` (`data.resize`); the
             export serves images of other sizes through the same one.
+        max_pixels: the largest image (width x height) read from a file; the export's
+            `serving_bytes` refuses larger ones from their header, before decoding.
+        resizable: whether the option has `data.image_size` and `data.channels` (the
+            image options do; digits' 8x8 arrays do not), for advice that names real keys.
     """
 
     train: Any
@@ -49,6 +53,8 @@ class DataBundle:
     skipped_files: tuple[str, ...] = ()
     fingerprint: str = ""
     resize: str = "resize"
+    max_pixels: int = 100_000_000
+    resizable: bool = True
 
     @property
     def num_classes(self) -> int:

@@ -88,3 +88,27 @@ def test_a_list_input_shape_matches_its_tuple(hub_model_dir):
     source = _source(hub_model_dir)
     adapted = adapt(source, LinearHead(), FreezeNone(), CLASSES, [8, 8, 1], "multiclass")
     assert tuple(adapted.model.output.shape) == (None, 3)
+
+
+@pytest.mark.parametrize("data_option, resizable", [("digits", False), ("image_folder", True)])
+def test_every_key_the_mismatch_error_suggests_is_a_key_of_the_chosen_options(
+    hub_model_dir, tmp_path, data_option, resizable
+):
+    """Advice that works: each `set key=value` composes and passes the config check."""
+    import re
+
+    from conftest import compose
+
+    from pipeline import config
+
+    with pytest.raises(DataError) as caught:
+        adapt(_source(hub_model_dir), LinearHead(), FreezeNone(), CLASSES, input_shape=(28, 28, 3),
+              task="multiclass", resizable=resizable)
+    suggestions = re.findall(r"\b((?:data|source)\.[a-z_]+=\S+?)(?=\s|$| and| to)", str(caught.value))
+    assert any(s.startswith("source.input_shape=") for s in suggestions)
+    assert any(s.startswith("data.image_size=") for s in suggestions) == resizable
+    base = [f"data={data_option}", "source=hub", f"source.handle={hub_model_dir}"]
+    if data_option == "image_folder":
+        base.append("data.train_dir=/anywhere")
+    for suggestion in suggestions:
+        config.validate(compose([*base, suggestion], tmp_path))  # raises on a key the option lacks

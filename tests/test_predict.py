@@ -106,12 +106,44 @@ def test_a_missing_export_names_the_path(tmp_path, export):
         predict(str(tmp_path), [str(image_dir)])
 
 
-def test_an_unreadable_image_names_the_file(export, tmp_path):
+def huge_png(width=20000, height=20000) -> bytes:
+    """A tiny file whose PNG header declares `width x height` pixels (1.2 GB decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+
+
+def test_bad_and_oversized_images_are_reported_and_the_rest_predicted(export, tmp_path, caplog):
+    import logging
+
     _, root, image_dir, _ = export
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG but not really")
-    with pytest.raises(DataError, match=r"broken\.png is not a readable image"):
-        predict(str(root), [str(image_dir / "img_0.png"), str(broken)])
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(huge_png())
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        predictions = predict(str(root), [str(broken), str(image_dir / "img_0.png"), str(huge)], top_k=1)
+    assert [Path(p.path).name for p in predictions] == ["img_0.png"]
+    warnings = "\n".join(r.getMessage() for r in caplog.records)
+    assert "broken.png: not an image" in warnings
+    assert "huge.png: 400,000,000 pixels is over the limit of 100,000,000 pixels (--max-pixels)" in warnings
+    with pytest.raises(DataError, match=r"none of the 2 file\(s\) is a readable image"):
+        predict(str(root), [str(broken), str(huge)])
+
+
+def test_serving_bytes_refuses_an_oversized_image_before_decoding(export):
+    import tensorflow as tf
+
+    _, root, image_dir, _ = export
+    serve = tf.saved_model.load(str(root / "saved_model")).signatures["serving_bytes"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"declares more than 100000000 pixels"):
+        serve(images=tf.constant([(image_dir / "img_0.png").read_bytes(), huge_png()]))
+    assert serve(images=tf.constant([(image_dir / "img_0.png").read_bytes()]))["probabilities"].shape == (1, 3)
 
 
 def test_image_patterns(export, tmp_path):

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.decode import RESIZE_POLICIES, decode_bytes
+from pipeline.data.decode import MAX_PIXELS, RESIZE_POLICIES, decode_bytes
 from pipeline.errors import ConfigError, DataError
 from pipeline.types import DataBundle
 
@@ -31,6 +31,7 @@ class ImageSettings:
     resize: str
     cache: str | None
     deterministic: bool
+    max_pixels: int = MAX_PIXELS
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -38,7 +39,8 @@ class ImageSettings:
 
     def pixels_fingerprint(self, fingerprint: str) -> str:
         """The files' fingerprint plus what changes the decoded pixels (size, channels, resize)."""
-        decoding = {"image_size": list(self.image_size), "channels": self.channels, "resize": self.resize}
+        decoding = {"image_size": list(self.image_size), "channels": self.channels, "resize": self.resize,
+                    "max_pixels": self.max_pixels}  # which files are read at all
         return hashlib.sha256((fingerprint + json.dumps(decoding, sort_keys=True)).encode()).hexdigest()
 
     def cache_key(self, fingerprint: str) -> str:
@@ -48,7 +50,8 @@ class ImageSettings:
 
 
 def image_settings(
-    image_size: Sequence[int], channels: int, resize: str, cache: str | None, deterministic: bool
+    image_size: Sequence[int], channels: int, resize: str, cache: str | None, deterministic: bool,
+    max_pixels: int = MAX_PIXELS,
 ) -> ImageSettings:
     """Checked settings; raises ConfigError naming the `data.` key and the fix."""
     size = list(image_size)
@@ -68,7 +71,12 @@ def image_settings(
             "data.cache='': expected null (no cache), memory, or a file path prefix such as "
             "/tmp/cache/flowers-"
         )
-    return ImageSettings((size[0], size[1]), channels, resize, cache, bool(deterministic))
+    if not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ConfigError(
+            f"data.max_pixels={max_pixels!r}: expected a positive number of pixels (width x height), "
+            "for example data.max_pixels=100000000 (100 MP)"
+        )
+    return ImageSettings((size[0], size[1]), channels, resize, cache, bool(deterministic), max_pixels)
 
 
 def check_task(task: str) -> None:
@@ -148,4 +156,5 @@ def make_bundle(
         skipped_files=tuple(skipped),
         fingerprint=settings.pixels_fingerprint(fingerprint),
         resize=settings.resize,
+        max_pixels=settings.max_pixels,
     )

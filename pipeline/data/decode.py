@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 Resize = Literal["resize", "crop_or_pad", "aspect_preserving"]
 RESIZE_POLICIES = ("resize", "crop_or_pad", "aspect_preserving")
+MAX_PIXELS = 100_000_000  # width x height read from a file, by default (100 MP: 300 MB decoded)
 
 
 def decode_bytes(contents: Any, channels: int, image_size: tuple[int, int], resize: Resize) -> Any:
@@ -101,3 +102,49 @@ def fit(image: Any, image_size: tuple[int, int], resize: Resize) -> Any:
     # Cached as uint8: a quarter of float32's memory, and identical with the cache on or off.
     out = tf.cast(tf.clip_by_value(tf.round(tf.cast(out, tf.float32)), 0.0, 255.0), tf.uint8)
     return tf.ensure_shape(out, (*image.shape[:-3], height, width, image.shape[-1]))
+
+
+def declared_pixels(contents: Any) -> Any:
+    """Width x height that an encoded image's header declares (int64), read without decoding.
+
+    JPEG, PNG, GIF, BMP and WebP headers; 0 for anything else (the decoder then refuses it).
+    The graph twin of the pre-scan's check, so that a server never decodes a 48 KB file
+    that declares 20000 x 20000 pixels.
+    """
+    import tensorflow as tf
+
+    head = tf.io.decode_raw(tf.strings.substr(contents, 0, 32), tf.uint8)
+    head = tf.cast(tf.pad(head, [[0, 32 - tf.shape(head)[0]]]), tf.int64)
+
+    def number(start, size, big_endian=False):
+        digits = head[start : start + size]
+        weights = tf.constant([256**i for i in range(size)], tf.int64)
+        return tf.reduce_sum(digits * (weights[::-1] if big_endian else weights))
+
+    def starts(magic: bytes, at: int = 0):
+        return tf.reduce_all(tf.equal(head[at : at + len(magic)], list(magic)))
+
+    def jpeg():
+        shape = tf.image.extract_jpeg_shape(contents, output_type=tf.int64)
+        return shape[0] * shape[1]
+
+    def webp():
+        vp8x = (number(24, 3) + 1) * (number(27, 3) + 1)
+        lossless = number(21, 4)
+        vp8l = (lossless % 16384 + 1) * ((lossless // 16384) % 16384 + 1)
+        vp8 = (number(26, 2) % 16384) * (number(28, 2) % 16384)
+        return tf.case([(starts(b"VP8X", 12), lambda: vp8x), (starts(b"VP8L", 12), lambda: vp8l)], default=lambda: vp8)
+
+    def signed(value):  # BMP heights are negative for top-down files
+        return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
+
+    return tf.case(
+        [
+            (starts(b"\xff\xd8"), jpeg),
+            (starts(b"\x89PNG"), lambda: number(16, 4, True) * number(20, 4, True)),
+            (starts(b"GIF8"), lambda: number(6, 2) * number(8, 2)),
+            (starts(b"BM"), lambda: signed(number(18, 4)) * signed(number(22, 4))),
+            (tf.logical_and(starts(b"RIFF"), starts(b"WEBP", 8)), webp),
+        ],
+        default=lambda: tf.constant(0, tf.int64),
+    )

@@ -67,6 +67,7 @@ class DigitsData:
             task="multiclass",
             num_examples={"train": len(train), "val": len(val), "test": len(test)},
             fingerprint=_fingerprint(images, labels, (train, val, test)),
+            resizable=False,  # 8x8x1 arrays: only source.input_shape can change to match
         )
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pipeline.data import dataset, scan
 from pipeline.data.augment import Augmentation
-from pipeline.data.decode import Resize
+from pipeline.data.decode import MAX_PIXELS, Resize
 from pipeline.data.splits import stratified_split
 from pipeline.errors import DataError
 from pipeline.types import DataBundle
@@ -37,6 +37,8 @@ class ImageFolderData:
         task: multiclass or binary (exactly two class folders; the second sorted is 1).
         cache: null, memory, or a file path prefix for decoded images.
         deterministic: keep tf.data's element order reproducible (a little slower).
+        max_pixels: a file whose header declares more pixels (width x height) is left out
+            unread, like an undecodable one; the export's `serving_bytes` refuses it.
         augmentation: random changes applied to training batches, or null.
         seed: seeds the split.
 
@@ -59,10 +61,11 @@ class ImageFolderData:
         task: Literal["multiclass", "binary"] = "multiclass",
         cache: str | None = None,
         deterministic: bool = True,
+        max_pixels: int = MAX_PIXELS,
         augmentation: Augmentation | None = None,
         seed: int = 0,
     ):
-        self.settings = dataset.image_settings(image_size, channels, resize, cache, deterministic)
+        self.settings = dataset.image_settings(image_size, channels, resize, cache, deterministic, max_pixels)
         dataset.check_task(task)
         self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
         self.fractions = {"val": 0.0 if val_dir else val_split, "test": 0.0 if test_dir else test_split}
@@ -73,7 +76,8 @@ class ImageFolderData:
     def load(self) -> DataBundle:
         import numpy as np
 
-        scans = {split: _scan_root(root, f"data.{split}_dir") for split, root in self.dirs.items() if root}
+        scans = {split: _scan_root(root, f"data.{split}_dir", self.settings.max_pixels)
+                 for split, root in self.dirs.items() if root}
         class_names = sorted(scans["train"].classes)
         dataset.check_classes(class_names, self.task, f"data.train_dir={self.dirs['train']!r}")
         for split in scans.keys() - {"train"}:
@@ -147,11 +151,11 @@ class _FolderScan:
                 for files in self.classes.values() for f in files]
 
 
-def _scan_root(root: str, key: str) -> _FolderScan:
+def _scan_root(root: str, key: str, max_pixels: int) -> _FolderScan:
     folders = scan.class_folders(root, key)
     listed = {name: scan.files_under(folder) for name, folder in folders}
     everything = [path for paths in listed.values() for path in paths]
-    results = dict(zip(everything, scan.scan_files(everything)))
+    results = dict(zip(everything, scan.scan_files(everything, max_pixels=max_pixels)))
     skipped = [(r.path, r.problem) for r in results.values() if r.problem]
     scan.report_skipped(skipped, len(everything), key)
     classes = {}

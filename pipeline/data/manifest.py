@@ -9,7 +9,7 @@ from typing import Literal
 
 from pipeline.data import dataset, scan
 from pipeline.data.augment import Augmentation
-from pipeline.data.decode import Resize
+from pipeline.data.decode import MAX_PIXELS, Resize
 from pipeline.data.splits import stratified_split
 from pipeline.errors import ConfigError, DataError
 from pipeline.types import DataBundle
@@ -54,6 +54,8 @@ class CsvData:
         task: multiclass or binary (exactly two classes); ignored when `multilabel`.
         cache: null, memory, or a file path prefix for decoded images.
         deterministic: keep tf.data's element order reproducible.
+        max_pixels: a file whose header declares more pixels (width x height) is left out
+            unread, like an undecodable one; the export's `serving_bytes` refuses it.
         augmentation: random changes applied to training batches, or null.
         seed: seeds the split.
 
@@ -80,10 +82,11 @@ class CsvData:
         task: Literal["multiclass", "binary"] = "multiclass",
         cache: str | None = None,
         deterministic: bool = True,
+        max_pixels: int = MAX_PIXELS,
         augmentation: Augmentation | None = None,
         seed: int = 0,
     ):
-        self.settings = dataset.image_settings(image_size, channels, resize, cache, deterministic)
+        self.settings = dataset.image_settings(image_size, channels, resize, cache, deterministic, max_pixels)
         dataset.check_task(task)
         if multilabel and task == "binary":
             raise ConfigError(
@@ -112,7 +115,7 @@ class CsvData:
         self._check_files(rows)
         class_names = self._classes(rows)
         unique = sorted({row.file for row in rows})
-        scanned = dict(zip(unique, scan.scan_files(unique)))
+        scanned = dict(zip(unique, scan.scan_files(unique, max_pixels=self.settings.max_pixels)))
         skipped = sorted((str(f), s.problem) for f, s in scanned.items() if s.problem)
         scan.report_skipped(skipped, len(scanned), f"data.manifest={self.manifest!r}")
         rows = [row for row in rows if scanned[row.file].problem is None]

@@ -12,12 +12,14 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.data.decode import MAX_PIXELS
 from pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -80,11 +82,13 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def image_problem(data: bytes) -> str | None:
+def image_problem(data: bytes, max_pixels: int = MAX_PIXELS) -> str | None:
     """Why `data` is not an image that TensorFlow will decode, or None when it is.
 
-    A full decode (not just `Image.verify`) is what catches a truncated file. JPEGs are
-    decoded at 1/8 scale, which still reads every byte but costs a fraction of the time.
+    The header's size is checked first: an image over `max_pixels` is never decoded (a
+    48 KB PNG can declare 20000 x 20000 pixels, 1.2 GB decoded). A full decode (not just
+    `Image.verify`) is what catches a truncated file. JPEGs are decoded at 1/8 scale,
+    which still reads every byte but costs a fraction of the time.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -92,17 +96,26 @@ def image_problem(data: bytes) -> str | None:
         with Image.open(io.BytesIO(data)) as image:
             if image.format not in DECODABLE_FORMATS:
                 return f"{image.format} is not a format TensorFlow decodes (JPEG, PNG, BMP, GIF, WebP)"
+            if image.width * image.height > max_pixels:
+                return _too_large(f"{image.width} x {image.height}", max_pixels)
             problem = _bmp_problem(data, image.mode) if image.format == "BMP" else None
             if problem:
                 return problem
             if image.format in ("JPEG", "MPO"):
                 image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
+    except Image.DecompressionBombError as error:  # Pillow's own limit, met while opening
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        return _too_large(f"{int(found.group(1)):,}" if found else "too many", max_pixels)
     except UnidentifiedImageError:
         return "not an image (unrecognised or damaged header)"
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ...
         return f"cannot be decoded ({error})"
     return None
+
+
+def _too_large(size: str, max_pixels: int) -> str:
+    return f"{size} pixels is over the limit of {max_pixels:,} pixels (data.max_pixels); it was not decoded"
 
 
 def _bmp_problem(data: bytes, mode: str) -> str | None:
@@ -122,7 +135,7 @@ _SCANNED: dict[tuple, ScannedFile] = {}
 _SCANNED_LIMIT = 500_000
 
 
-def scan_files(paths: Sequence[Path], check: bool = True) -> list[ScannedFile]:
+def scan_files(paths: Sequence[Path], check: bool = True, max_pixels: int = MAX_PIXELS) -> list[ScannedFile]:
     """Size, content digest and (when `check`) the decode problem of each file, in order.
 
     A file already scanned by this process, with the same size, mtime and inode, is not
@@ -132,13 +145,13 @@ def scan_files(paths: Sequence[Path], check: bool = True) -> list[ScannedFile]:
     def one(path: Path) -> ScannedFile:
         try:
             stat = path.stat()
-            identity = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, check)
+            identity = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, check, max_pixels)
             if identity in _SCANNED:
                 return _SCANNED[identity]
             data = path.read_bytes()
         except OSError as error:
             return ScannedFile(str(path), 0, "", f"cannot be read ({error.strerror})")
-        problem = image_problem(data) if check else None
+        problem = image_problem(data, max_pixels) if check else None
         scanned = ScannedFile(str(path), len(data), hashlib.sha256(data).hexdigest(), problem)
         if len(data) == stat.st_size and _settled(stat):
             _SCANNED[identity] = scanned
@@ -151,10 +164,10 @@ def scan_files(paths: Sequence[Path], check: bool = True) -> list[ScannedFile]:
     return found
 
 
-def check_blobs(blobs: Iterable[bytes]) -> list[str | None]:
+def check_blobs(blobs: Iterable[bytes], max_pixels: int = MAX_PIXELS) -> list[str | None]:
     """`image_problem` of each in-memory image (TFRecord features), in parallel."""
     with ThreadPoolExecutor(WORKERS) as pool:
-        return list(pool.map(image_problem, blobs))
+        return list(pool.map(lambda blob: image_problem(blob, max_pixels), blobs))
 
 
 def report_skipped(skipped: Sequence[tuple[str, str]], total: int, key: str) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pipeline.data import dataset, scan
 from pipeline.data.augment import Augmentation
-from pipeline.data.decode import Resize, decode_bytes
+from pipeline.data.decode import MAX_PIXELS, Resize, decode_bytes
 from pipeline.data.splits import stratified_split
 from pipeline.errors import DataError
 from pipeline.types import DataBundle
@@ -40,6 +40,8 @@ class TFRecordData:
         task: multiclass or binary (exactly two classes).
         cache: null, memory, or a file path prefix for decoded images.
         deterministic: keep tf.data's element order reproducible.
+        max_pixels: a file whose header declares more pixels (width x height) is left out
+            unread, like an undecodable one; the export's `serving_bytes` refuses it.
         augmentation: random changes applied to training batches, or null.
         seed: seeds the split.
 
@@ -64,10 +66,11 @@ class TFRecordData:
         task: Literal["multiclass", "binary"] = "multiclass",
         cache: str | None = None,
         deterministic: bool = True,
+        max_pixels: int = MAX_PIXELS,
         augmentation: Augmentation | None = None,
         seed: int = 0,
     ):
-        self.settings = dataset.image_settings(image_size, channels, resize, cache, deterministic)
+        self.settings = dataset.image_settings(image_size, channels, resize, cache, deterministic, max_pixels)
         dataset.check_task(task)
         self.file_pattern = file_pattern
         self.patterns = {"train": file_pattern, "val": val_file_pattern, "test": test_file_pattern}
@@ -157,14 +160,14 @@ class TFRecordData:
                 for number, record in enumerate(tf.data.TFRecordDataset(file).as_numpy_iterator()):
                     chunk.append((f"{file}#{number}", *self._features(file, number, record)))
                     if len(chunk) == CHUNK:
-                        self._check_chunk(chunk, labels, skipped)
+                        self._check_chunk(chunk, labels, skipped, self.settings.max_pixels)
                         chunk = []
             except tf.errors.OpError as error:
                 raise DataError(
                     f"data.file_pattern={self.file_pattern!r}: {file!r} is not a readable "
                     f"TFRecord file ({error.message.splitlines()[0]}). Rewrite or remove that shard."
                 ) from error
-            self._check_chunk(chunk, labels, skipped)
+            self._check_chunk(chunk, labels, skipped, self.settings.max_pixels)
         scan.report_skipped(skipped, len(labels), f"data.file_pattern={self.file_pattern!r}")
         return labels, skipped
 
@@ -190,8 +193,8 @@ class TFRecordData:
         return values[0], image[0]
 
     @staticmethod
-    def _check_chunk(chunk, labels: list, skipped: list) -> None:
-        problems = scan.check_blobs([image for _, _, image in chunk])
+    def _check_chunk(chunk, labels: list, skipped: list, max_pixels: int) -> None:
+        problems = scan.check_blobs([image for _, _, image in chunk], max_pixels)
         for (name, label, _), problem in zip(chunk, problems):
             labels.append(None if problem else label)
             if problem:

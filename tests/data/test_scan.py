@@ -83,3 +83,14 @@ def test_relative_paths_do_not_follow_links(tmp_path):
     relative = scan.relative_to(tmp_path / "root")
     assert relative(str(tmp_path / "root" / "cat" / "a.png")) == "cat/a.png"  # the link's class folder
     assert relative(str(target)) == target.as_posix()  # outside the root: absolute
+
+
+def test_an_image_over_max_pixels_is_refused_from_its_header():
+    from test_predict import huge_png
+
+    from pipeline.data.scan import image_problem
+
+    assert "over the limit of 100,000,000 pixels (data.max_pixels)" in image_problem(huge_png())
+    small = huge_png(30, 20)  # declares 600 pixels: under any sane limit, then fails to decode
+    assert "over the limit" not in (image_problem(small) or "")
+    assert image_problem(small, max_pixels=599).startswith("30 x 20 pixels is over the limit of 599")
