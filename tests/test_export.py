@@ -372,8 +372,8 @@ def test_a_failed_verification_leaves_nothing(exported, tmp_path, settings, mess
 
 
 def test_bad_settings_name_the_key():
-    with pytest.raises(ConfigError, match=r"export\.formats=\['onnx'\].*saved_model, keras, tflite"):
-        Exporter(formats=["onnx"])
+    with pytest.raises(ConfigError, match=r"export\.formats=\['coreml'\].*saved_model, keras, tflite, onnx"):
+        Exporter(formats=["coreml"])
     with pytest.raises(ConfigError, match=r"export\.quantization='int4'.*none, float16, int8"):
         Exporter(quantization="int4")
 
