@@ -17,6 +17,10 @@ class DataError(PipelineError):
     """The data cannot be read or does not fit the task."""
 
 
+class TrackingError(PipelineError):
+    """The tracking store cannot be reached or written."""
+
+
 class ExportError(PipelineError):
     """An export could not be written or does not reproduce the in-memory model."""
 

@@ -253,3 +253,44 @@ def test_processes_that_open_a_new_store_at_once_all_log_their_run(tmp_path):
     client = MlflowClient(tracking_uri=uri)
     found = client.search_runs([client.get_experiment_by_name("new").experiment_id])
     assert [r.info.status for r in found] == ["FINISHED"] * 4
+
+
+def test_an_unreachable_server_fails_fast_with_what_to_do(silent_server):
+    """A server that accepts and never answers: one clear error within tracking.timeout."""
+    import time
+
+    from pipeline.errors import TrackingError
+
+    port, accepted = silent_server
+    tracker = MlflowTracker(uri=f"http://127.0.0.1:{port}", timeout=1.5)
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=r"tracking.uri='http://127.0.0.1:\d+' does not answer .*tracking\.timeout.*"
+                                            r"mlflow server .*tracking.uri=sqlite:///mlflow.db"):
+        tracker.find_resumable("any-config")
+    assert 1.4 <= time.monotonic() - started < 6
+    assert accepted  # it reached the server and waited for it
+
+
+def test_a_closed_port_fails_at_once(tmp_path):
+    import socket
+    import time
+
+    from pipeline.errors import TrackingError
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match="does not answer"):
+        MlflowTracker(uri=f"http://127.0.0.1:{port}", timeout=10).find_resumable("any-config")
+    assert time.monotonic() - started < 5
+
+
+def test_the_command_stops_before_training_with_one_line_and_exit_2(tmp_path):
+    from cli import run_pipeline
+
+    done = run_pipeline(tmp_path, "tracking.uri=http://127.0.0.1:9", "tracking.timeout=2", timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: tracking.uri='http://127.0.0.1:9' does not answer")
+    assert not (tmp_path / "feature_cache").exists()  # nothing was trained or computed

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import TrackingError
+
 _SQLITE = "sqlite:///"
 # Seconds a connection waits for another process's lock before "database is locked", until
 # MLflow's first session on it sets its own 20 s. Writes hold the lock for milliseconds;
@@ -48,10 +50,15 @@ def store_uri(uri: str) -> str:
     return f"{uri}?timeout={SQLITE_BUSY_TIMEOUT_S}"
 
 
-def client(uri: str) -> Any:
-    """An `MlflowClient` of the store at `uri` (tracking and model registry)."""
+def client(uri: str, timeout: float = 10.0) -> Any:
+    """An `MlflowClient` of the store at `uri` (tracking and model registry).
+
+    A tracking server is asked for its health first (once per process), so an unreachable
+    one fails within `timeout` seconds instead of after MLflow's minutes of retries.
+    """
     from mlflow.tracking import MlflowClient
 
+    check_server(uri, timeout)
     configured = store_uri(uri)
     with _opening(configured):  # MlflowClient builds the store, and its tables if new
         return MlflowClient(tracking_uri=configured)
@@ -71,6 +78,33 @@ def active_store(uri: str) -> Iterator[None]:
         yield
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+_ANSWERED: set[str] = set()  # servers that answered in this process
+
+
+def check_server(uri: str, timeout: float) -> None:
+    """Raises TrackingError when the tracking server at an http(s) `uri` does not answer its
+    `/health` endpoint within `timeout` seconds; other stores are not servers."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as reply:
+            reply.read(64)
+    except urllib.error.HTTPError:
+        pass  # it answered (a server without /health, or behind a proxy): MLflow takes it from here
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise TrackingError(
+            f"tracking.uri={uri!r} does not answer ({reason}; waited at most {timeout:g} s, "
+            "tracking.timeout). Start the server (mlflow server --host 127.0.0.1 --port 5000 "
+            "--backend-store-uri sqlite:///mlflow.db) or log locally with "
+            "tracking.uri=sqlite:///mlflow.db."
+        ) from None
+    _ANSWERED.add(uri)
 
 
 def _database_file(uri: str) -> Path | None:

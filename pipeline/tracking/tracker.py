@@ -99,6 +99,8 @@ class MlflowTracker:
             store's default (`./mlruns` beside a local database).
         register_as: also register the logged model under this name in the Model
             Registry (a new version each run); null only logs it with the run.
+        timeout: seconds a tracking server may take to answer before the run stops, before
+            any training, with what to do (MLflow's own retries would take minutes).
 
     Example:
         >>> with MlflowTracker("sqlite:///mlflow.db", "digits").run(params, tags) as run:
@@ -112,6 +114,7 @@ class MlflowTracker:
         run_name: str | None = None,
         artifact_location: str | None = None,
         register_as: str | None = None,
+        timeout: float = 10.0,
     ):
         if not uri:
             raise ConfigError("tracking.uri is empty: set it, for example tracking.uri=sqlite:///mlflow.db")
@@ -125,9 +128,10 @@ class MlflowTracker:
         self.run_name = run_name
         self.artifact_location = artifact_location
         self.register_as = register_as
+        self.timeout = timeout
 
     def _client(self):
-        return store.client(self.uri)
+        return store.client(self.uri, self.timeout)
 
     def _experiment_id(self, client) -> str:
         from mlflow.exceptions import MlflowException
