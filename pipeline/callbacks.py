@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from pathlib import Path
 
 import keras
@@ -82,11 +83,12 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             # repeats at most those cheap epochs.
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        partial = self.directory / ".last.partial.keras"
+        unique = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # two writers never share a temp file
+        partial = self.directory / f".last.partial-{unique}.keras"
         self._full_model.save(partial)
         os.replace(partial, self.directory / "last.keras")
         iterations = int(keras.ops.convert_to_numpy(self._full_model.optimizer.iterations))
         state = {"epochs_completed": epoch + 1, "iterations": iterations}
-        partial_state = self.directory / ".state.partial.json"
+        partial_state = self.directory / f".state.partial-{unique}.json"
         partial_state.write_text(json.dumps(state))
         os.replace(partial_state, self.directory / "state.json")

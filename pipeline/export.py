@@ -81,11 +81,20 @@ class Exporter:
         self.tflite_tolerance = tflite_tolerance
         self.verify_examples = verify_examples
 
-    def export(self, adapted: AdaptedModel, data: DataBundle, destination: Path) -> ExportResult:
+    def export(
+        self, adapted: AdaptedModel, data: DataBundle, destination: Path, replace: bool = False
+    ) -> ExportResult:
+        """Writes, verifies and moves the export into `destination`.
+
+        Args:
+            replace: a resumed run's own earlier export (written before a kill during the
+                MLflow logging) is replaced, once the new one is verified; otherwise an
+                existing destination is refused.
+        """
         import numpy as np
 
         destination = Path(destination)
-        if destination.exists():
+        if destination.exists() and not replace:
             raise ExportError(
                 f"{destination} already exists; exports never overwrite. Choose a new run "
                 "directory (each Hydra run gets its own) or move the old export away."
@@ -118,7 +127,7 @@ class Exporter:
                         expected, labels, adapted.task
                     )
                 paths[name] = destination / written.path.relative_to(staging)
-            os.replace(staging, destination)
+            _move_into_place(staging, destination)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return ExportResult(
@@ -282,6 +291,18 @@ class OnnxFormat:
         return Written(path, _max_abs_diff(actual, expected), actual)
 
 
+def _move_into_place(staging: Path, destination: Path) -> None:
+    """Renames `staging` to `destination`; an earlier export there is set aside first and
+    removed after, so a crash leaves one complete export under one of the two names."""
+    if not destination.exists():
+        os.replace(staging, destination)
+        return
+    previous = destination.parent / f".{destination.name}-partial-replaced-{uuid.uuid4().hex[:12]}"
+    os.replace(destination, previous)
+    os.replace(staging, destination)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 def _verification_set(data: DataBundle, count: int):
     """Up to `count` images and labels: test first; the other splits make up for a small test split."""
     import numpy as np
@@ -324,5 +345,7 @@ class NoExport:
         {}
     """
 
-    def export(self, adapted: AdaptedModel, data: DataBundle, destination: Path) -> ExportResult:
+    def export(
+        self, adapted: AdaptedModel, data: DataBundle, destination: Path, replace: bool = False
+    ) -> ExportResult:
         return ExportResult(root=Path(destination), paths={}, max_abs_diff={})

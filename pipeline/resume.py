@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pipeline.errors import ConfigError
+from pipeline.files import in_use
 
 log = logging.getLogger("pipeline")
 RUN_FILE = "mlflow_run.json"  # in each run directory: the MLflow run id and store
@@ -53,6 +54,9 @@ def resume_target(value: str | None, store: Store, identity: str, multi_worker: 
             return None
         run_id, run_dir = found
         if not _has_checkpoint(Path(run_dir)):
+            return None
+        if in_use(Path(run_dir)):  # its process is alive, on this host or another
+            log.info("run %s in %s is still running; starting a new run", run_id, run_dir)
             return None
         log.info("resuming run %s (killed before it finished) in %s", run_id, run_dir)
         return ResumeTarget(run_id, Path(run_dir))

@@ -15,7 +15,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import config, provenance
 from pipeline.distribute import is_chief
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.files import run_dir_lock
 from pipeline.resume import RUN_FILE, resume_target
 from pipeline.sweep import PARENT_RUN_ENV
 
@@ -52,10 +53,11 @@ def run(cfg: DictConfig, rerun_of: tuple[str, Mapping[str, str]] | None = None) 
                             multi_worker=stages.train.strategy == "multi_worker")
     output_dir = resumed.run_dir if resumed else Path(cfg.output_dir)
 
-    with _sigterm_as_interrupt(), stages.tracking.run(
+    chief = is_chief(stages.train.strategy)
+    with _sigterm_as_interrupt(), run_dir_lock(output_dir) if chief else nullcontext(), stages.tracking.run(
         config.flatten(_without_hydra(resolved)),
         tags,
-        record=is_chief(stages.train.strategy),
+        record=chief,
         resume_run_id=resumed.run_id if resumed else None,
         parent_run_id=os.environ.get(PARENT_RUN_ENV),
     ) as tracked:
@@ -66,7 +68,8 @@ def run(cfg: DictConfig, rerun_of: tuple[str, Mapping[str, str]] | None = None) 
         adapted, data, result = trained
         evaluation = stages.evaluate.evaluate(adapted, data, output_dir / "evaluation", result.history,
                                               features=result.features)
-        exported = stages.export.export(adapted, data, output_dir / "export")
+        # A resumed run may have exported before it was killed (during the MLflow logging).
+        exported = stages.export.export(adapted, data, output_dir / "export", replace=resumed is not None)
         metrics = {**evaluation.metrics, "epochs_completed": float(result.epochs_completed), **exported.metrics}
         model_uri = _record(tracked, output_dir, metrics, evaluation, exported, step=result.epochs_completed)
     _print_summary(metrics, exported, tracked, model_uri)

@@ -54,3 +54,45 @@ def test_the_export_and_the_cache_clean_up_at_start(tmp_path, hub_model_dir):
     backbone = HubSource(handle=str(hub_model_dir), input_shape=[8, 8, 1]).load().backbone
     FeatureCache(cache).load_or_compute(backbone, DigitsData(classes=[5, 6]).load())
     assert not killed_entry.exists() and live_entry.exists()
+
+
+def test_one_run_one_directory(tmp_path):
+    import json
+
+    import pytest
+
+    from pipeline.errors import ConfigError
+    from pipeline.files import LOCK_FILE, in_use, run_dir_lock
+
+    run_dir = tmp_path / "run"
+    assert not in_use(run_dir)
+    with run_dir_lock(run_dir):
+        assert in_use(run_dir)
+        owner = json.loads((run_dir / LOCK_FILE).read_text())
+        assert owner["pid"] == os.getpid()
+        with pytest.raises(ConfigError, match=r"is in use by .*\"pid\": \d+.*one run, one directory"):
+            with run_dir_lock(run_dir):  # a second open file: what a second process gets
+                pass
+    assert not in_use(run_dir)
+    with run_dir_lock(run_dir):  # free again once the holder let go
+        pass
+
+
+def test_the_lock_dies_with_its_process(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.files import in_use
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pipeline.files import run_dir_lock\n"
+         f"with run_dir_lock({str(tmp_path / 'run')!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert in_use(tmp_path / "run")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not in_use(tmp_path / "run")  # SIGKILL released it: the same command may resume

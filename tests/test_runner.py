@@ -120,3 +120,45 @@ def test_each_export_format_value_has_a_writer_and_no_other():
     from pipeline.export import FORMATS, Exporter
 
     assert sorted(Exporter(formats=list(FORMATS))._writers()) == sorted(FORMATS)
+
+
+def test_auto_never_takes_over_a_run_whose_process_is_alive(tmp_path):
+    from pipeline.files import run_dir_lock
+
+    run_dir = _run_dir(tmp_path)
+    store = _Store(found=("abc", str(run_dir)))
+    with run_dir_lock(run_dir):  # the owner still runs (here, or on another host sharing the disk)
+        assert resume_target("auto", store, "id") is None
+    assert resume_target("auto", store, "id") == ResumeTarget("abc", run_dir)
+
+
+@pytest.mark.slow
+def test_a_kill_during_the_mlflow_logging_resumes_to_a_finished_run_with_one_export(tmp_path, monkeypatch):
+    """Killed after exporting, while logging the MLflow model: the same command finishes it."""
+    from cli import runs
+    from conftest import compose
+
+    from pipeline.runner import run
+    from pipeline.tracking.tracker import TrackedRun
+
+    settings = ["train.epochs=2", "data.classes=[5,6,7]", "train.verbose=0",
+                f"train.feature_cache_dir={tmp_path / 'cache'}"]
+    log_model = TrackedRun.log_model
+
+    def killed(self, export_root):
+        raise KeyboardInterrupt("killed while logging the MLflow model")
+
+    monkeypatch.setattr(TrackedRun, "log_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose(settings, tmp_path))
+    (first,) = runs(tmp_path)
+    assert first.info.status == "KILLED" and (tmp_path / "run" / "export" / "saved_model").is_dir()
+
+    monkeypatch.setattr(TrackedRun, "log_model", log_model)
+    metrics = run(compose([*settings, f"output_dir={tmp_path / 'second'}"], tmp_path))  # the same command
+    (resumed,) = runs(tmp_path)
+    assert resumed.info.run_id == first.info.run_id and resumed.info.status == "FINISHED"
+    assert resumed.data.metrics["test_accuracy"] == metrics["test_accuracy"]
+    assert (tmp_path / "run" / "export" / "saved_model").is_dir()  # replaced in place: one export
+    assert not [p for p in (tmp_path / "run").iterdir() if "partial" in p.name]
+    assert not (tmp_path / "second" / "export").exists()
