@@ -1,4 +1,10 @@
-"""Stratified, seeded train/val/test index splits shared by the in-memory data sources."""
+"""Stratified, seeded train/val/test index splits shared by the data options.
+
+Why not scikit-learn's `train_test_split(stratify=...)`: it refuses a class with a single
+member and a held-out split smaller than the number of classes, both of which a user's
+small folder meets (a class of one photo trains; it just gets no test image). This rounds
+each class's share on its own instead, and one seed always gives the same three splits.
+"""
 
 from __future__ import annotations
 
