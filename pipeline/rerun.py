@@ -16,17 +16,33 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from pipeline.errors import ConfigError
+
 log = logging.getLogger("pipeline")
 
 
-def rerun(run_id: str, tracking_uri: str, output_dir: Path | None = None) -> dict[str, float]:
-    """Run `run_id` again; returns the new run's metrics."""
+def rerun(
+    run_id: str, tracking_uri: str, output_dir: Path | None = None, allow_unsafe: bool = False
+) -> dict[str, float]:
+    """Run `run_id` again; returns the new run's metrics.
+
+    The stored config is data from the store: `pipeline.replay.check_replay` refuses targets,
+    resolvers and code-running settings before anything is built from it.
+    """
+    import yaml
     from omegaconf import OmegaConf
 
     from pipeline import runner, tracking
+    from pipeline.replay import check_replay
 
     record = tracking.run_record(tracking_uri, run_id)
-    cfg = OmegaConf.create(record.config_yaml)
+    where = f"run {run_id}'s stored config.yaml"
+    try:
+        raw = yaml.safe_load(record.config_yaml)  # plain data first: nothing resolved or built
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where} is not valid YAML ({error}); the run cannot be replayed.") from None
+    check_replay(raw, allow_unsafe=allow_unsafe, where=where)
+    cfg = OmegaConf.create(raw)
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
     cfg.output_dir = str(output_dir or Path("outputs") / "runs" / f"{stamp}-rerun-{run_id[:8]}")
     cfg.resume = "never"
@@ -43,13 +59,17 @@ def main(argv: list[str] | None = None) -> None:
         help="the store holding the run (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
     )
     parser.add_argument("--output-dir", type=Path, help="the new run's directory")
+    parser.add_argument(
+        "--allow-unsafe", action="store_true",
+        help="let the stored config load model files that run Python code (allow_unsafe, safe_mode=false)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     from pipeline.errors import PipelineError
 
     try:
-        rerun(args.run_id, args.tracking_uri, args.output_dir)
+        rerun(args.run_id, args.tracking_uri, args.output_dir, args.allow_unsafe)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

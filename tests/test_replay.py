@@ -1,0 +1,63 @@
+"""A config read back from a store is data: the attacks of issue 14 are refused, by key."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from conftest import compose
+from pipeline.errors import ConfigError
+from pipeline.replay import check_replay
+
+
+@pytest.fixture
+def stored(tmp_path):
+    """What a run stores: the resolved default config, as plain data."""
+    resolved = OmegaConf.to_container(compose([], tmp_path), resolve=True)
+    return yaml.safe_load(OmegaConf.to_yaml({k: v for k, v in resolved.items() if k != "hydra"}))
+
+
+def test_a_genuine_stored_config_replays(stored):
+    check_replay(stored)
+
+
+def test_a_target_outside_the_allowlist_is_refused_naming_the_key(stored):
+    stored["data"]["augmentation"] = {"_target_": "builtins.open", "file": "/etc/passwd"}
+    with pytest.raises(ConfigError, match=r"data\.augmentation\._target_='builtins\.open' is not a class of this"):
+        check_replay(stored)
+
+
+def test_a_nested_loader_that_runs_code_is_refused(stored):
+    stored["train"]["optimizer"] = {"_target_": "keras.saving.load_model", "filepath": "/x.keras", "safe_mode": False}
+    with pytest.raises(ConfigError, match=r"train\.optimizer\._target_='keras\.saving\.load_model'"):
+        check_replay(stored)
+    stored["train"]["optimizer"] = {"_target_": "keras.optimizers.Adam", "_partial_": True}
+    check_replay(stored)  # the genuine optimizer node is fine
+
+
+def test_resolvers_that_read_the_machine_are_refused(stored):
+    stored["tracking"]["run_name"] = "${oc.env:SECRET}"
+    with pytest.raises(ConfigError, match=r"tracking\.run_name='\$\{oc\.env:SECRET\}' calls a resolver"):
+        check_replay(stored)
+
+
+def test_settings_that_run_code_need_the_command_line_flag(stored):
+    stored["source"] = {"_target_": "pipeline.sources.keras_file.KerasFileSource", "path": "/m.keras",
+                        "allow_unsafe": True}
+    with pytest.raises(ConfigError, match=r"source\.allow_unsafe=True would run Python code .*--allow-unsafe"):
+        check_replay(stored)
+    check_replay(stored, allow_unsafe=True)
+
+
+def test_rerun_refuses_an_edited_store_before_building_anything(stored, monkeypatch):
+    from pipeline import rerun, runner, tracking
+
+    stored["evaluate"] = {"_target_": "os.system", "command": "touch /tmp/owned"}
+    record = SimpleNamespace(config_yaml=yaml.safe_dump(stored), tags={})
+    monkeypatch.setattr(tracking, "run_record", lambda uri, run_id: record)
+    monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("the replay reached the runner"))
+    with pytest.raises(ConfigError, match=r"run abc's stored config\.yaml: evaluate\._target_='os\.system'"):
+        rerun.rerun("abc", "sqlite:///unused.db")
