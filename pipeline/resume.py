@@ -1,7 +1,9 @@
 """Which earlier run a run continues: `resume=auto`, a run directory, a run id, or none.
 
 `auto` finds this config's killed run (its process is gone) in the store; a directory or
-run id names one. Either way the run must have a checkpoint to continue from.
+run id names one. The run continues in its own MLflow run and directory from its last
+checkpoint, or from the first epoch when it was killed before one was written (while the
+data loaded, say): a kill at any point leaves one run, never an abandoned one.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def resume_target(value: str | None, store: Store, identity: str, multi_worker: 
             the chief may ask the store, so they resume only when the run is named.
 
     Raises:
-        ConfigError: a named run that is not a run directory or has no checkpoint.
+        ConfigError: a named run that is not a run directory.
     """
     if value in (None, "never") or (value == "auto" and multi_worker):
         return None
@@ -53,7 +55,8 @@ def resume_target(value: str | None, store: Store, identity: str, multi_worker: 
         if found is None:
             return None
         run_id, run_dir = found
-        if not _has_checkpoint(Path(run_dir)):
+        if _recorded_run(Path(run_dir)) != run_id:  # removed since, or the tag names another run's
+            log.info("run %s: its directory %s is gone or holds another run; starting a new run", run_id, run_dir)
             return None
         if in_use(Path(run_dir)):  # its process is alive, on this host or another
             log.info("run %s in %s is still running; starting a new run", run_id, run_dir)
@@ -61,21 +64,32 @@ def resume_target(value: str | None, store: Store, identity: str, multi_worker: 
         log.info("resuming run %s (killed before it finished) in %s", run_id, run_dir)
         return ResumeTarget(run_id, Path(run_dir))
     if Path(value).is_dir():
-        run_file = Path(value) / RUN_FILE
-        if not run_file.exists():
-            raise ConfigError(f"resume={value!r}: the directory has no {RUN_FILE}; is it a run directory?")
-        run_id, run_dir = json.loads(run_file.read_text())["run_id"], Path(value)
-    else:
-        from pipeline.tracking import run_directory
+        run_id, run_dir = _recorded_run(Path(value)), Path(value)
+        if run_id is None:
+            raise ConfigError(
+                f"resume={value!r}: the directory has no readable {RUN_FILE}; is it a run directory? "
+                "Name the directory of an earlier run (outputs/runs/<date_time>), or its MLflow run id."
+            )
+        return ResumeTarget(run_id, run_dir)
+    from pipeline.tracking import run_directory
 
-        run_id, run_dir = value, run_directory(store.uri, value)
-    if not _has_checkpoint(run_dir):
+    run_id, run_dir = value, Path(run_directory(store.uri, value))
+    # The directory comes from the run's `run_dir` tag, which anyone who can write the store
+    # can change: only a directory that records this very run is continued.
+    if _recorded_run(run_dir) != run_id:
         raise ConfigError(
-            f"resume={value!r}: {run_dir / 'checkpoints'} holds no checkpoint to continue from "
-            "(was the run trained with train.checkpoint=true?)"
+            f"resume={value!r}: the run's directory {run_dir} (its run_dir tag) does not exist here "
+            f"or its {RUN_FILE} records another run. Name the run's directory itself, like "
+            "resume=outputs/runs/<date_time>, or resume=never to start fresh."
         )
     return ResumeTarget(run_id, run_dir)
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints" / "state.json").exists()
+def _recorded_run(run_dir: Path) -> str | None:
+    """The MLflow run id that `run_dir/mlflow_run.json` records, or None if unreadable."""
+    try:
+        recorded = json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    run_id = recorded.get("run_id") if isinstance(recorded, dict) else None
+    return run_id if isinstance(run_id, str) else None

@@ -158,7 +158,8 @@ class Trainer:
         Args:
             checkpoint_dir: where `last.keras` and `state.json` go after each epoch.
             resume: a checkpoint directory to continue from: its weights, optimizer state
-                and epoch count are restored and training carries on from the next epoch.
+                and epoch count are restored and training carries on from the next epoch
+                (from the first when it holds no checkpoint yet).
         """
         from pipeline.callbacks import (
             AtomicCheckpoint,
@@ -231,6 +232,9 @@ class Trainer:
         import json
 
         checkpoint_dir = Path(checkpoint_dir)
+        if not (checkpoint_dir / "state.json").is_file():  # killed before its first epoch ended
+            log.info("resuming from the first epoch: %s holds no checkpoint yet", checkpoint_dir)
+            return 0
         state = json.loads((checkpoint_dir / "state.json").read_text())
         first_epoch = int(state["epochs_completed"])
         schedule = adapted.freeze.on_epoch_begin

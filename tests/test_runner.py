@@ -48,10 +48,27 @@ def test_auto_continues_the_killed_run_of_this_config(tmp_path):
     assert store.asked == ["config-1"]
 
 
-def test_auto_starts_fresh_when_the_killed_run_has_no_checkpoint(tmp_path):
-    run_dir = _run_dir(tmp_path, checkpoint=False)
-    assert resume_target("auto", _Store(found=("abc", str(run_dir))), "id") is None
+def test_auto_continues_a_run_killed_before_its_first_checkpoint(tmp_path):
+    run_dir = _run_dir(tmp_path, checkpoint=False)  # killed while its data loaded, say
+    assert resume_target("auto", _Store(found=("abc", str(run_dir))), "id") == ResumeTarget("abc", run_dir)
     assert resume_target("auto", _Store(found=None), "id") is None
+
+
+def test_auto_starts_fresh_when_the_run_dir_is_gone_or_holds_another_run(tmp_path):
+    run_dir = _run_dir(tmp_path, run_id="other")  # the store's run_dir tag names another run's
+    assert resume_target("auto", _Store(found=("abc", str(run_dir))), "id") is None
+    assert resume_target("auto", _Store(found=("abc", str(tmp_path / "gone"))), "id") is None
+
+
+def test_a_run_id_whose_tag_names_another_runs_directory_is_refused(tmp_path, monkeypatch):
+    import pipeline.tracking
+
+    run_dir = _run_dir(tmp_path, run_id="someone-else")
+    monkeypatch.setattr(pipeline.tracking, "run_directory", lambda uri, run_id: run_dir)
+    with pytest.raises(ConfigError, match=r"resume='abc'.*records another run"):
+        resume_target("abc", _Store(), "id")
+    (run_dir / RUN_FILE).write_text(json.dumps({"run_id": "abc"}))
+    assert resume_target("abc", _Store(), "id") == ResumeTarget("abc", run_dir)
 
 
 def test_auto_is_off_for_multi_worker_runs(tmp_path):
@@ -65,12 +82,11 @@ def test_a_named_run_directory_is_resumed(tmp_path):
     assert resume_target(str(run_dir), _Store(), "id", multi_worker=True) == ResumeTarget("r-42", run_dir)
 
 
-def test_a_named_directory_without_run_file_or_checkpoint_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="has no mlflow_run.json"):
+def test_a_named_directory_without_run_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="has no readable mlflow_run.json"):
         resume_target(str(tmp_path), _Store(), "id")
-    run_dir = _run_dir(tmp_path, checkpoint=False)
-    with pytest.raises(ConfigError, match="holds no checkpoint"):
-        resume_target(str(run_dir), _Store(), "id")
+    run_dir = _run_dir(tmp_path, checkpoint=False)  # no checkpoint yet: continued from epoch 0
+    assert resume_target(str(run_dir), _Store(), "id") == ResumeTarget("abc", run_dir)
 
 
 def test_rerun_check_warns_about_each_differing_fact(caplog):
@@ -130,35 +146,3 @@ def test_auto_never_takes_over_a_run_whose_process_is_alive(tmp_path):
     with run_dir_lock(run_dir):  # the owner still runs (here, or on another host sharing the disk)
         assert resume_target("auto", store, "id") is None
     assert resume_target("auto", store, "id") == ResumeTarget("abc", run_dir)
-
-
-@pytest.mark.slow
-def test_a_kill_during_the_mlflow_logging_resumes_to_a_finished_run_with_one_export(tmp_path, monkeypatch):
-    """Killed after exporting, while logging the MLflow model: the same command finishes it."""
-    from cli import runs
-    from conftest import compose
-
-    from pipeline.runner import run
-    from pipeline.tracking.tracker import TrackedRun
-
-    settings = ["train.epochs=2", "data.classes=[5,6,7]", "train.verbose=0",
-                f"train.feature_cache_dir={tmp_path / 'cache'}"]
-    log_model = TrackedRun.log_model
-
-    def killed(self, export_root):
-        raise KeyboardInterrupt("killed while logging the MLflow model")
-
-    monkeypatch.setattr(TrackedRun, "log_model", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run(compose(settings, tmp_path))
-    (first,) = runs(tmp_path)
-    assert first.info.status == "KILLED" and (tmp_path / "run" / "export" / "saved_model").is_dir()
-
-    monkeypatch.setattr(TrackedRun, "log_model", log_model)
-    metrics = run(compose([*settings, f"output_dir={tmp_path / 'second'}"], tmp_path))  # the same command
-    (resumed,) = runs(tmp_path)
-    assert resumed.info.run_id == first.info.run_id and resumed.info.status == "FINISHED"
-    assert resumed.data.metrics["test_accuracy"] == metrics["test_accuracy"]
-    assert (tmp_path / "run" / "export" / "saved_model").is_dir()  # replaced in place: one export
-    assert not [p for p in (tmp_path / "run").iterdir() if "partial" in p.name]
-    assert not (tmp_path / "second" / "export").exists()

@@ -16,6 +16,8 @@ from pipeline.tracking import store
 _MODEL_CODE = Path(__file__).parent.parent / "mlflow_model.py"
 # What serving the logged model needs: no pipeline code, just these.
 _MODEL_REQUIREMENTS = ("tensorflow", "numpy", "pandas")
+_NAME = "model"  # the run's MLflow model, `runs:/<run_id>/model`
+_WEIGHTS_TAG = "weights_sha256"  # on the logged model: the trained weights it serves
 
 
 def log_model(client: Any, run_id: str, tracking_uri: str, export_root: Path, register_as: str | None) -> str:
@@ -26,6 +28,11 @@ def log_model(client: Any, run_id: str, tracking_uri: str, export_root: Path, re
     and `mlflow models predict` work. With `register_as=NAME` (`tracking.register_as`) it
     is also registered, and the URI returned is `models:/NAME/<version>`; otherwise
     `runs:/<run_id>/model`.
+
+    Idempotent for a resumed run: a model this run already logged from the same weights
+    (its `weights_sha256` tag) is kept, not logged again, and a version already registered
+    from it is returned, not registered again; a leftover of a killed attempt (pending, or
+    from other weights) is deleted. So a kill anywhere in here leaves one model, one version.
 
     Raises:
         ExportError: when the export holds no SavedModel.
@@ -40,30 +47,62 @@ def log_model(client: Any, run_id: str, tracking_uri: str, export_root: Path, re
             f"{root} holds no saved_model/, which the MLflow model serves. Add it to the "
             "export, for example export.formats=[saved_model,tflite]."
         )
-    example = np.load(root / "input_example.npy")[:1].astype("float32")
-    experiment_id = client.get_run(run_id).info.experiment_id
-    with store.active_store(tracking_uri):
-        # Created here, in the run's experiment: left to itself MLflow would use the
-        # process's active experiment, which is not ours.
-        logged = mlflow.initialize_logged_model(
-            name="model", source_run_id=run_id, experiment_id=experiment_id
-        )
-        info = Model.log(
-            artifact_path=None,
-            name="model",
-            flavor=mlflow.pyfunc,
-            run_id=run_id,
-            model_id=logged.model_id,
-            python_model=str(_MODEL_CODE),
-            artifacts={"saved_model": str(root / "saved_model"), "labels": str(root / "labels.txt")},
-            signature=_model_signature(),
-            input_example=example,
-            pip_requirements=_requirements(),
-            registered_model_name=register_as,
-        )
+    run = client.get_run(run_id)
+    experiment_id = run.info.experiment_id
+    weights = run.data.tags.get("weights_sha256", "")
+    model_id = _earlier_model(client, experiment_id, run_id, weights)
+    if model_id is None:
+        example = np.load(root / "input_example.npy")[:1].astype("float32")
+        with store.active_store(tracking_uri):
+            # Created here, in the run's experiment: left to itself MLflow would use the
+            # process's active experiment, which is not ours.
+            logged = mlflow.initialize_logged_model(
+                name=_NAME, source_run_id=run_id, experiment_id=experiment_id, tags={_WEIGHTS_TAG: weights}
+            )
+            Model.log(
+                artifact_path=None,
+                name=_NAME,
+                flavor=mlflow.pyfunc,
+                run_id=run_id,
+                model_id=logged.model_id,
+                python_model=str(_MODEL_CODE),
+                artifacts={"saved_model": str(root / "saved_model"), "labels": str(root / "labels.txt")},
+                signature=_model_signature(),
+                input_example=example,
+                pip_requirements=_requirements(),
+            )
+        model_id = logged.model_id
     if register_as:
-        return f"models:/{register_as}/{info.registered_model_version}"
+        return f"models:/{register_as}/{_registered_version(client, tracking_uri, register_as, model_id)}"
     return f"runs:/{run_id}/model"
+
+
+def _earlier_model(client: Any, experiment_id: str, run_id: str, weights: str) -> str | None:
+    """The id of a ready model this run logged from `weights`; deletes any other it logged."""
+    from mlflow.entities import LoggedModelStatus
+
+    kept = None
+    earlier = client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{_NAME}'"
+    )
+    for logged in earlier:
+        same = logged.status == LoggedModelStatus.READY and logged.tags.get(_WEIGHTS_TAG) == weights and weights
+        if same and kept is None:
+            kept = logged.model_id
+        else:  # a killed attempt's, or an earlier stage's weights: not this run's result
+            client.delete_logged_model(logged.model_id)
+    return kept
+
+
+def _registered_version(client: Any, tracking_uri: str, name: str, model_id: str) -> str:
+    """The registry version of `model_id` under `name`: the existing one, or a new one."""
+    import mlflow
+
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if model_id in (version.model_id, version.source.removeprefix("models:/")):  # a store fills one
+            return version.version
+    with store.active_store(tracking_uri):
+        return mlflow.register_model(f"models:/{model_id}", name).version
 
 
 def load_model(model_uri: str, tracking_uri: str):
