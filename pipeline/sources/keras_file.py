@@ -29,7 +29,8 @@ class KerasFileSource:
         architecture: for weights-only files, the `keras.applications` model they were
             saved from, built with `include_top=False`, `pooling='avg'`, `weights=None`.
         allow_unsafe: load with Keras safe mode off, which runs Python code stored in the
-            file (Lambda layers). Only for files you trust.
+            file (Lambda layers), and restore embedded SavedModels whose graphs touch files
+            or run Python (`pipeline.sources.graph_check`). Only for files you trust.
         trainable: whether fine-tuning may change the model's weights. When false the
             model is pinned: it runs in inference mode (BatchNorm statistics fixed) and no
             freeze setting unfreezes it.
@@ -119,20 +120,26 @@ class KerasFileSource:
     def _load_model(self, path: Path) -> Any:
         import keras
 
-        try:
-            return keras.saving.load_model(path, compile=False, safe_mode=not self.allow_unsafe)
-        except Exception as error:
-            if "safe_mode" in str(error) and not self.allow_unsafe:
-                raise SourceError(
-                    f"source.path={self.path!r} contains Python code (a Lambda layer), which "
-                    "Keras' safe mode refuses to load because loading would run it. Set "
-                    "source.allow_unsafe=true only for files you trust."
-                ) from error
+        from pipeline.sources.graph_check import checked_graphs
+
+        with checked_graphs(self.allow_unsafe) as refused:
+            try:
+                return keras.saving.load_model(path, compile=False, safe_mode=not self.allow_unsafe)
+            except Exception as error:
+                failure = error
+        if refused:  # Keras wraps it in a message of its own: the refusal, as one line
+            raise SourceError(f"source.path={self.path!r}: {refused[0]}") from failure
+        if "safe_mode" in str(failure) and not self.allow_unsafe:
             raise SourceError(
-                f"source.path={self.path!r} could not be loaded as a Keras model "
-                f"({type(error).__name__}: {error}). Expected {_SUFFIXES}; a model with "
-                "custom layers needs them registered with keras.saving.register_keras_serializable."
-            ) from error
+                f"source.path={self.path!r} contains Python code (a Lambda layer), which "
+                "Keras' safe mode refuses to load because loading would run it. Set "
+                "source.allow_unsafe=true only for files you trust."
+            ) from failure
+        raise SourceError(
+            f"source.path={self.path!r} could not be loaded as a Keras model "
+            f"({type(failure).__name__}: {failure}). Expected {_SUFFIXES}; a model with "
+            "custom layers needs them registered with keras.saving.register_keras_serializable."
+        ) from failure
 
     def _build_architecture(self, path: Path) -> Any:
         if self.architecture is None:

@@ -4,6 +4,11 @@ An earlier run leaves `<run_dir>/checkpoints/last.keras` (the whole model, writt
 every epoch) and `state.json`. Its sub-model `backbone` is the source's preprocessing and
 feature extractor as that run fine-tuned them, and maps raw 0-255 images to features like
 any other source, so a new head for another task goes on it: transfer in stages.
+
+A run id is looked up in the MLflow store, whose `run_dir` tag anyone who can write the store
+can change; the directory it names is used only if its `mlflow_run.json` records that id.
+The checkpoint loads in Keras safe mode, and a SavedModel stored in it is checked
+(`pipeline.sources.graph_check`) before it is restored, unless `allow_unsafe`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ class RunSource:
             `checkpoints/last.keras`), or its MLflow run id.
         tracking_uri: the MLflow store to look a run id up in (its `run_dir` tag); not used
             when `run` is a directory.
+        allow_unsafe: load the checkpoint with Keras safe mode off (Lambda layers run
+            Python code from it) and restore a stored SavedModel whose graph touches files
+            or runs Python. Only for runs you trust.
         trainable: whether fine-tuning may change the backbone's weights again, whatever
             froze them in the earlier run (this run's `freeze` decides). When false the
             backbone is pinned: it runs in inference mode (BatchNorm statistics fixed) and
@@ -44,16 +52,23 @@ class RunSource:
         >>> RunSource(run="outputs/runs/2026-11-21_21-37-16_304034", trainable=False).load()
     """
 
-    def __init__(self, run: str, tracking_uri: str = "sqlite:///mlflow.db", trainable: bool = True):
+    def __init__(
+        self,
+        run: str,
+        tracking_uri: str = "sqlite:///mlflow.db",
+        allow_unsafe: bool = False,
+        trainable: bool = True,
+    ):
         self.run = run
         self.tracking_uri = tracking_uri
+        self.allow_unsafe = allow_unsafe
         self.trainable = trainable
 
     def load(self) -> SourceModel:
         run_dir = resolve_run(self.run, self.tracking_uri, key="source.run")
         model_path, state = read_checkpoint(run_dir, key="source.run")
         log.info("source.run: %s after %d epoch(s)", model_path, state["epochs_completed"])
-        backbone = self._backbone(_load(model_path, self.run))
+        backbone = self._backbone(_load(model_path, self.run, self.allow_unsafe))
         if self.trainable:
             _unpin(backbone)
         input_shape = tuple(backbone.inputs[0].shape[1:])
@@ -108,8 +123,12 @@ class RunSource:
 def resolve_run(run: str, tracking_uri: str, key: str = "source.run") -> Path:
     """The run directory that `run` names: a directory as given, or an MLflow run id looked up.
 
+    A run id's directory comes from the store (the `run_dir` tag), which is not trusted: it
+    must hold the `mlflow_run.json` that the run wrote there, recording that run id.
+
     Raises:
-        ConfigError: naming `key` and `run` when it is neither.
+        ConfigError: naming `key` and `run` when it is neither, or when the directory the
+            store names is not that run's.
     """
     path = Path(run).expanduser()
     if path.is_dir():
@@ -123,12 +142,39 @@ def resolve_run(run: str, tracking_uri: str, key: str = "source.run") -> Path:
     from pipeline.tracking import run_directory
 
     try:
-        return run_directory(tracking_uri, run)
+        run_dir = run_directory(tracking_uri, run)
     except ConfigError as error:
         raise ConfigError(
             f"{key}={run!r} is not a directory, and as an MLflow run id in the store "
             f"{tracking_uri!r}: {error}"
         ) from error
+    check_run_file(run_dir, run, key)
+    return run_dir
+
+
+def check_run_file(run_dir: Path, run_id: str, key: str) -> None:
+    """Raise ConfigError unless `run_dir/mlflow_run.json` records `run_id`.
+
+    The runner writes that file into each run directory; a store's `run_dir` tag that names
+    another directory (another run's, or any on this machine) is refused.
+    """
+    from pipeline.resume import RUN_FILE
+
+    try:
+        recorded = json.loads((run_dir / RUN_FILE).read_text())
+        found = f"its {RUN_FILE} records run_id {recorded.get('run_id')!r}"
+        if recorded.get("run_id") == run_id:
+            return
+    except FileNotFoundError:
+        found = f"it has no {RUN_FILE}"
+    except (OSError, ValueError, AttributeError) as error:
+        found = f"its {RUN_FILE} cannot be read ({error})"
+    raise ConfigError(
+        f"{key}={run_id!r}: the store's run_dir tag names {str(run_dir)!r}, but {found}; expected "
+        f"the {RUN_FILE} that run {run_id} wrote into its own directory (the tag may have been "
+        f"edited in the store). Set {key} to the run's directory (outputs/runs/<date_time>) if you "
+        "know it."
+    )
 
 
 def read_checkpoint(run_dir: Path, key: str = "source.run") -> tuple[Path, dict[str, int]]:
@@ -178,23 +224,34 @@ def read_checkpoint(run_dir: Path, key: str = "source.run") -> tuple[Path, dict[
     return model_path, {name: state[name] for name in fields}
 
 
-def _load(model_path: Path, run: str) -> Any:
+def _load(model_path: Path, run: str, allow_unsafe: bool) -> Any:
     import keras
 
     # The custom layers a pipeline model holds must be registered before Keras reads it.
     import pipeline.sources.backbone  # noqa: F401
     import pipeline.sources.preprocess  # noqa: F401
     import pipeline.sources.saved_model_layer  # noqa: F401
+    from pipeline.sources.graph_check import checked_graphs
 
-    try:
-        return keras.saving.load_model(model_path, compile=False)
-    except Exception as error:
+    with checked_graphs(allow_unsafe) as refused:
+        try:
+            return keras.saving.load_model(model_path, compile=False, safe_mode=not allow_unsafe)
+        except Exception as error:
+            failure = error
+    if refused:  # Keras wraps it in a message of its own: the refusal, as one line
+        raise SourceError(f"source.run={run!r}: its checkpoint {model_path}: {refused[0]}") from failure
+    if "safe_mode" in str(failure) and not allow_unsafe:
         raise SourceError(
-            f"source.run={run!r}: its checkpoint {model_path} could not be loaded "
-            f"({type(error).__name__}: {error}). A checkpoint written while a SavedModel source "
-            "was not yet stored inside .keras files needs that source directory in place; "
-            "otherwise rerun the earlier run."
-        ) from error
+            f"source.run={run!r}: its checkpoint {model_path} contains Python code (a Lambda "
+            "layer), which Keras' safe mode refuses to load because loading would run it. Set "
+            "source.allow_unsafe=true only if you trust the run and its directory."
+        ) from failure
+    raise SourceError(
+        f"source.run={run!r}: its checkpoint {model_path} could not be loaded "
+        f"({type(failure).__name__}: {failure}). A checkpoint written while a SavedModel source "
+        "was not yet stored inside .keras files needs that source directory in place; "
+        "otherwise rerun the earlier run."
+    ) from failure
 
 
 def _preprocess_layer(backbone: Any) -> Any:

@@ -10,7 +10,8 @@ set of weights.
 
 A `.keras` file of a model holding this layer is self-contained: the SavedModel is stored
 inside the archive (`save_assets`) and the trained values beside it, as for any layer, so
-the file loads after the source directory has moved or gone.
+the file loads after the source directory has moved or gone. Its graph is code that came
+with the file, so `pipeline.sources.graph_check` reads it before it is restored.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import keras
 import tensorflow as tf
 
 from pipeline import compat
+from pipeline.sources.graph_check import check_saved_model
 from pipeline.sources.pin import Pinnable
 
 # `_AliasVariable` overrides a private method of `keras.Variable`, so it stays a class here;
@@ -119,6 +121,9 @@ class SavedModelLayer(Pinnable, keras.layers.Layer):
     @classmethod
     def from_config(cls, config):
         if config.get("output_shape") is None:  # a file from before the SavedModel was embedded
+            handle = config["handle"]  # a directory the file names: as untrusted as the file
+            if os.path.isdir(handle):
+                check_saved_model(handle, f"the SavedModel {handle} that layer {config.get('name')!r} names")
             return super().from_config(config)
         return super().from_config({**config, "loaded": _DEFERRED})
 
@@ -224,6 +229,7 @@ class SavedModelLayer(Pinnable, keras.layers.Layer):
     def load_assets(self, dir_path):
         if self._loaded is not None:
             return  # an old file, built from its handle
+        check_saved_model(dir_path, f"the SavedModel stored for layer {self.name!r} (saved from {self.handle})")
         self._attach(tf.saved_model.load(dir_path))
         values = self._pending_values or []
         variables = self.weights  # the order Keras saved them in: trainable, then not

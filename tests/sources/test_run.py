@@ -211,4 +211,85 @@ def test_the_option_takes_the_tracking_uri_from_the_tracking_group(tmp_path):
     cfg = compose(["source=run", "source.run=/runs/earlier"], tmp_path)
     source = instantiate(cfg.source)
     assert isinstance(source, RunSource)
-    assert (source.run, source.tracking_uri, source.trainable) == ("/runs/earlier", cfg.tracking.uri, True)
+    assert (source.run, source.tracking_uri, source.allow_unsafe, source.trainable) == (
+        "/runs/earlier", cfg.tracking.uri, False, True
+    )
+
+
+def _store_run(uri: str, run_dir: Path) -> str:
+    """A run in the store at `uri` whose run_dir tag names `run_dir`, as anyone could set it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("shared"))
+    client.set_tag(run.info.run_id, "run_dir", str(run_dir))
+    return run.info.run_id
+
+
+def _tiny_model():
+    import keras
+
+    inputs = keras.Input((8, 8, 1))
+    features = keras.layers.Dense(4, name="features")(keras.layers.Flatten()(inputs))
+    backbone = keras.Model(inputs, features, name="backbone")
+    return keras.Model(inputs, keras.layers.Dense(2, name="logits")(backbone(inputs)))
+
+
+def test_a_run_id_whose_run_dir_tag_names_another_runs_directory_is_refused(tmp_path):
+    from pipeline.resume import RUN_FILE
+    from pipeline.sources.run import resolve_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    other = _fake_run(tmp_path / "other", _tiny_model())  # a loadable checkpoint of another run
+    (other / RUN_FILE).write_text(json.dumps({"run_id": "f" * 32, "tracking_uri": uri}))
+    run_id = _store_run(uri, other)
+    with pytest.raises(ConfigError) as caught:
+        RunSource(run=run_id, tracking_uri=uri).load()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"source.run={run_id!r}: the store's run_dir tag names {str(other)!r}")
+    assert f"records run_id {'f' * 32!r}" in message and "Set source.run to the run's directory" in message
+
+    (other / RUN_FILE).unlink()  # a directory that no run of this pipeline wrote
+    with pytest.raises(ConfigError, match=rf"source\.run='{run_id}': .*it has no {RUN_FILE}"):
+        RunSource(run=run_id, tracking_uri=uri).load()
+
+    (other / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))  # its own
+    assert resolve_run(run_id, uri) == other
+
+
+def test_a_checkpoint_with_a_lambda_layer_is_refused_unless_allow_unsafe(tmp_path):
+    import keras
+
+    inputs = keras.Input((8, 8, 1))
+    features = keras.layers.Lambda(lambda x: x * 2.0, name="code")(keras.layers.Flatten()(inputs))
+    backbone = keras.Model(inputs, features, name="backbone")
+    run_dir = _fake_run(tmp_path / "run", keras.Model(inputs, keras.layers.Dense(2)(backbone(inputs))))
+    with pytest.raises(SourceError) as caught:
+        RunSource(run=str(run_dir)).load()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"source.run={str(run_dir)!r}: its checkpoint {run_dir / 'checkpoints' / 'last.keras'}")
+    assert "Lambda" in message and "source.allow_unsafe=true" in message
+    source = RunSource(run=str(run_dir), allow_unsafe=True).load()
+    np.testing.assert_allclose(source.backbone(IMAGES).numpy(), IMAGES.reshape(len(IMAGES), -1) * 2.0, rtol=1e-6)
+
+
+# Keras goes on restoring the other layers after the refusal, and says so; the load still fails.
+@pytest.mark.filterwarnings("ignore:Skipping nested container")
+def test_a_checkpoint_whose_saved_model_reads_files_is_refused_unless_allow_unsafe(tmp_path):
+    from test_saved_model_layer import reading_keras_file
+
+    path, _ = reading_keras_file(tmp_path, IMAGES)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    path.rename(run_dir / "checkpoints" / "last.keras")
+    (run_dir / "checkpoints" / "state.json").write_text(json.dumps({"epochs_completed": 1, "iterations": 3}))
+    with pytest.raises(SourceError) as caught:
+        RunSource(run=str(run_dir)).load()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"source.run={str(run_dir)!r}: its checkpoint ")
+    assert "layer 'hub'" in message and "(ReadFile)" in message and "source.allow_unsafe=true" in message
+    source = RunSource(run=str(run_dir), allow_unsafe=True).load()
+    assert source.feature_shape == (1,)

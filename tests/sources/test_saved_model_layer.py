@@ -74,3 +74,65 @@ def test_a_layer_rebuilt_from_config_alone_says_how_to_load_it(hub_model_dir):
     rebuilt = SavedModelLayer.from_config(config)
     with pytest.raises(ValueError, match="keras.saving.load_model"):
         rebuilt(np.zeros((1, 8, 8, 1), "float32"))
+
+
+def reading_keras_file(tmp_path, images):
+    """`(path, predictions)`: a `.keras` file whose stored SavedModel reads a file in its call.
+
+    Made as a user would: a SavedModel source (trusted, named on the command line), a head,
+    `model.save`; then the source directory is gone, so only the copy in the file is left.
+    """
+    from test_graph_check import save_module
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the model")
+    source_dir = save_module(tmp_path / "reads", str(secret), "read")
+    model = _classifier(HubSource(handle=str(source_dir), input_shape=[8, 8, 1]).load())
+    predictions = model.predict(images, verbose=0)
+    path = tmp_path / "reads.keras"
+    model.save(path)
+    shutil.rmtree(source_dir)
+    return path, predictions
+
+
+# Keras goes on restoring the other layers after the refusal, and says so; the load still fails.
+@pytest.mark.filterwarnings("ignore:Skipping nested container")
+def test_a_stored_saved_model_that_reads_files_is_refused_at_load_unless_trusted(tmp_path, tiny_images):
+    import keras
+
+    from pipeline.errors import SourceError
+    from pipeline.sources.graph_check import trusted_graphs
+    from pipeline.sources.keras_file import KerasFileSource
+
+    path, predictions = reading_keras_file(tmp_path, tiny_images)
+    with pytest.raises(ValueError, match=r"layer 'hub'.*runs TensorFlow ops .*\(ReadFile\)"):
+        keras.saving.load_model(path)  # plain Keras: the layer itself refuses
+    with pytest.raises(SourceError) as caught:
+        KerasFileSource(path=str(path)).load()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"source.path={str(path)!r}: the SavedModel stored for layer 'hub'")
+    assert "(ReadFile)" in message and "source.allow_unsafe=true" in message
+
+    source = KerasFileSource(path=str(path), allow_unsafe=True).load()
+    reloaded = source.backbone.get_layer("keras_file")
+    np.testing.assert_allclose(reloaded(tiny_images).numpy(), predictions, atol=1e-6)
+    with trusted_graphs():
+        trusted = keras.saving.load_model(path)
+    np.testing.assert_allclose(trusted.predict(tiny_images, verbose=0), predictions, atol=1e-6)
+
+
+def test_an_old_file_naming_a_saved_model_directory_is_checked_too(tmp_path):
+    # Files from before the SavedModel was embedded rebuild the layer from `handle`, a
+    # directory the file names: as much the file's code as an embedded SavedModel.
+    from pipeline.errors import SourceError
+    from pipeline.sources.graph_check import trusted_graphs
+    from pipeline.sources.saved_model_layer import SavedModelLayer
+    from test_graph_check import save_module
+
+    directory = save_module(tmp_path / "reads", str(tmp_path / "secret.txt"), "read")
+    config = {"name": "hub", "handle": str(directory), "signature": None, "output_key": None, "output_shape": None}
+    with pytest.raises(SourceError, match=rf"the SavedModel {directory} that layer 'hub' names runs .*\(ReadFile\)"):
+        SavedModelLayer.from_config(config)
+    with trusted_graphs():
+        assert SavedModelLayer.from_config(config).loaded is not None
