@@ -47,11 +47,14 @@ def predict(
     tracking_uri: str = "sqlite:///mlflow.db",
     batch_size: int = 32,
     max_pixels: int = MAX_PIXELS,
+    allow_unsafe: bool = False,
 ) -> list[Prediction]:
     """The `top_k` classes of every readable image that `images` names, from the model at `source`.
 
     A file that is not a decodable image, or whose header declares more than `max_pixels`
     pixels, is reported (a warning naming it and why) and left out; the others are predicted.
+    An MLflow model is read as data (see `pipeline.tracking.model.load_model`); `allow_unsafe`
+    lets its SavedModel run ops that touch files, the network or Python.
 
     Raises:
         ExportError: the source is not an export, SavedModel or loadable MLflow model.
@@ -63,7 +66,7 @@ def predict(
     saved_model = None if is_uri else _saved_model_dir(Path(source))
     paths, contents = readable_images(find_images(images), max_pixels)  # before TensorFlow: fail fast
     if is_uri:
-        probabilities, class_names = _mlflow_model(source, tracking_uri, contents, batch_size)
+        probabilities, class_names = _mlflow_model(source, tracking_uri, contents, batch_size, allow_unsafe)
     else:
         probabilities, class_names = _saved_model(saved_model, contents, batch_size)
     return _top_k(paths, probabilities, class_names, top_k)
@@ -159,8 +162,8 @@ def _saved_model(directory: Path, contents: Sequence[bytes], batch_size: int):
     return probabilities, class_names
 
 
-def _mlflow_model(uri: str, tracking_uri: str, contents: Sequence[bytes], batch_size: int):
-    """Probabilities from an MLflow pyfunc, on decoded pixels (the pyfunc takes pixels).
+def _mlflow_model(uri: str, tracking_uri: str, contents: Sequence[bytes], batch_size: int, allow_unsafe: bool):
+    """Probabilities from an MLflow model's SavedModel, on decoded pixels (as the pyfunc takes).
 
     The files are decoded to RGB as the data stage decodes them; the model's own graph then
     converts channels and resizes, as it does for every served image.
@@ -170,7 +173,7 @@ def _mlflow_model(uri: str, tracking_uri: str, contents: Sequence[bytes], batch_
     from pipeline.data.decode import read_pixels
     from pipeline.tracking import load_model
 
-    probabilities_of, class_names = load_model(uri, tracking_uri)
+    probabilities_of, class_names = load_model(uri, tracking_uri, allow_unsafe)
     rows = []
     for data in contents:  # one at a time: the images may differ in size
         rows.append(probabilities_of(read_pixels(data).numpy()[None].astype("float32")))
@@ -233,12 +236,17 @@ def main(argv: Sequence[str] | None = None, output: Callable[[str], None] = prin
         "--max-pixels", type=int, default=MAX_PIXELS,
         help=f"skip files whose header declares more pixels, width x height (default {MAX_PIXELS:,})",
     )
+    parser.add_argument(
+        "--allow-unsafe", action="store_true",
+        help="let an MLflow model's SavedModel run ops that touch files, the network or Python "
+        "(only for stores you trust)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         predictions = predict(args.source, args.images, args.top_k, args.tracking_uri, args.batch_size,
-                              args.max_pixels)
+                              args.max_pixels, args.allow_unsafe)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2

@@ -97,6 +97,41 @@ def test_predict_from_an_mlflow_model_matches_the_export(export, tmp_path):
         [p.probability for p in from_mlflow], [p.probability for p in from_export], atol=1e-5
     )
 
+    # The store is data: a stored model's Python file is never run, and its SavedModel is
+    # checked before it is restored (anyone who can write the store can change both).
+    (stored,) = (tmp_path / "art").glob("models/*/artifacts")
+    marker = tmp_path / "ran-the-stored-code"
+    code = stored / "mlflow_model.py"
+    code.write_text(f"open({str(marker)!r}, 'w').close()\n" + code.read_text())
+    again = predict(model_uri, [str(image_dir)], top_k=3, tracking_uri=uri)
+    assert not marker.exists()
+    assert [p.class_name for p in again] == [p.class_name for p in from_export]
+
+    _reading_saved_model(stored / "artifacts" / "saved_model")
+    with pytest.raises(ExportError, match=r"runs TensorFlow ops .*\(ReadFile\).*--allow-unsafe"):
+        predict(model_uri, [str(image_dir)], top_k=1, tracking_uri=uri)
+    trusted = predict(model_uri, [str(image_dir)], top_k=1, tracking_uri=uri, allow_unsafe=True)
+    assert len(trusted) == 5
+
+
+def _reading_saved_model(path):
+    """Replace the SavedModel at `path` with one whose serving_default reads a file."""
+    import shutil
+
+    import tensorflow as tf
+
+    class Reading(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, None], tf.float32, name="images")])
+        def serve(self, images):
+            secret = tf.cast(tf.strings.length(tf.io.read_file(__file__)), tf.float32)
+            rows = tf.shape(images)[0]
+            return {"probabilities": tf.fill([rows, 3], 1.0 / 3.0) + 0.0 * secret,
+                    "class_name": tf.fill([rows], "a")}
+
+    shutil.rmtree(path)
+    module = Reading()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+
 
 def test_a_missing_export_names_the_path(tmp_path, export):
     _, _, image_dir, _ = export

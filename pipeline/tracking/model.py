@@ -2,6 +2,7 @@
 
 The model is a pyfunc "from code": MLflow runs `pipeline/mlflow_model.py` with the export's
 `saved_model/` and `labels.txt` as artifacts, so serving it needs no pipeline code.
+`pipeline.predict` reads those artifacts as data instead and never runs the stored code.
 """
 
 from __future__ import annotations
@@ -105,42 +106,79 @@ def _registered_version(client: Any, tracking_uri: str, name: str, model_id: str
         return mlflow.register_model(f"models:/{model_id}", name).version
 
 
-def load_model(model_uri: str, tracking_uri: str):
-    """A model that `log_model` logged, as `(probabilities, class_names)`.
+def load_model(model_uri: str, tracking_uri: str, allow_unsafe: bool = False):
+    """A model that `log_model` logged, as `(probabilities, class_names)`, read as data.
 
     `probabilities(images)` takes one float32 image batch `[batch, height, width, channels]`
     (any size, 1-4 channels) and returns the model's probabilities, one column per class name.
 
+    The model's files come from the store, which anyone who can write it can change, so they
+    are not run as MLflow would (`mlflow.pyfunc.load_model` executes the Python file stored
+    with the model): the SavedModel and `labels.txt` are downloaded, the SavedModel's graph
+    is checked for ops that touch files, the network or Python (`graph_check`), and its
+    `serving_default` signature (what the pyfunc calls) is called directly.
+
     Raises:
-        ExportError: naming the URI and the store when the model cannot be loaded.
+        ExportError: naming the URI and the store when the model cannot be loaded, is not
+            one of this pipeline's, or its graph runs such ops (unless `allow_unsafe`).
     """
+    import tempfile
+
     import mlflow
     import numpy as np
 
+    where = tempfile.TemporaryDirectory(prefix="pipeline-model-")
     try:
         with store.active_store(tracking_uri):
-            model = mlflow.pyfunc.load_model(model_uri)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=where.name))
     except Exception as error:
+        where.cleanup()
         raise ExportError(
             f"MLflow model {model_uri!r} could not be loaded from the tracking store "
             f"{store.absolute_uri(tracking_uri)} ({type(error).__name__}: {str(error)[:500]}). Check the "
             "URI (runs:/<run_id>/model, models:/<name>/<version>) and pass --tracking-uri "
             "or set MLFLOW_TRACKING_URI to the store the run was logged to."
         ) from error
-    python_model = model.unwrap_python_model() if hasattr(model, "unwrap_python_model") else None
-    class_names = getattr(python_model, "class_names", None)
-    inputs = model.metadata.get_input_schema() if model.metadata else None
-    if class_names is None or inputs is None or not inputs.is_tensor_spec():
+    saved_model, labels = local / "artifacts" / "saved_model", local / "artifacts" / "labels.txt"
+    if not (saved_model / "saved_model.pb").is_file() or not labels.is_file():
+        where.cleanup()
         raise ExportError(
             f"MLflow model {model_uri!r} is not an image classifier logged by this pipeline "
-            "(no class names or no image tensor input); use the URI of a run's `model`."
+            "(no artifacts/saved_model or artifacts/labels.txt); use the URI of a run's `model`."
         )
+    serving = _serving_function(model_uri, saved_model, allow_unsafe)
+    class_names = labels.read_text().splitlines()
 
     def probabilities(images):
-        frame = model.predict(np.asarray(images, dtype="float32"))
-        return np.asarray(list(frame["probabilities"]), dtype="float32")
+        import tensorflow as tf
 
-    return probabilities, list(class_names)
+        outputs = serving(images=tf.constant(np.asarray(images, dtype="float32")))
+        return outputs["probabilities"].numpy().astype("float32")
+
+    probabilities.files = where  # the SavedModel's assets stay on disk while it is in use
+    return probabilities, class_names
+
+
+def _serving_function(model_uri: str, saved_model: Path, allow_unsafe: bool):
+    """The SavedModel's `serving_default`, after its graph passed `graph_check` (unless trusted)."""
+    from pipeline.sources.graph_check import unsafe_ops
+
+    ops = [] if allow_unsafe else unsafe_ops(saved_model)
+    if ops:
+        raise ExportError(
+            f"MLflow model {model_uri!r}: its SavedModel runs TensorFlow ops that read or write files, "
+            f"reach the network or run Python ({', '.join(ops)}), which no export of this pipeline "
+            "holds. Pass --allow-unsafe only if you trust the tracking store and whoever writes it."
+        )
+    import tensorflow as tf
+
+    try:
+        return tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    except (KeyError, OSError, ValueError, tf.errors.OpError) as error:
+        raise ExportError(
+            f"MLflow model {model_uri!r}: its SavedModel cannot be served ({type(error).__name__}: "
+            f"{str(error)[:300]}); use the URI of a run's `model` logged by this pipeline."
+        ) from error
 
 
 def _model_signature():
