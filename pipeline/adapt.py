@@ -56,4 +56,5 @@ def adapt(
         task=task,
         class_names=tuple(class_names),
         freeze=frozen,
+        fit_head=getattr(head, "fit", None),
     )

@@ -64,7 +64,18 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     except Exception as error:  # omegaconf raises several types, all with the key in them
         raise ConfigError(f"config could not be resolved: {error}") from error
     _check_node(resolved, prefix="")
+    _check_combination(resolved)
     return resolved
+
+
+def _check_combination(resolved: Mapping[str, Any]) -> None:
+    """Settings of different groups that cannot go together."""
+    head, freeze = resolved.get("head") or {}, resolved.get("freeze") or {}
+    if head.get("_target_") == "pipeline.heads.SklearnHead" and freeze.get("_target_") != "pipeline.freeze.FreezeAll":
+        raise ConfigError(
+            f"head=sklearn fits a scikit-learn classifier on the frozen backbone's features, but "
+            f"freeze is {freeze.get('_target_')!r}, which trains backbone weights: set freeze=all."
+        )
 
 
 def build(cfg: DictConfig, group: str) -> Any:
@@ -96,7 +107,7 @@ def build(cfg: DictConfig, group: str) -> Any:
 def _check_node(node: Any, prefix: str) -> None:
     if isinstance(node, Mapping):
         target = node.get("_target_")
-        if isinstance(target, str) and target.startswith("pipeline."):
+        if isinstance(target, str) and target.startswith(("pipeline.", "sklearn.")):
             _check_target(node, target, prefix)
         for key, value in node.items():
             if key != "hydra":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pipeline.errors import ConfigError, DataError
 from pipeline.types import Task
 
 Activation = Literal["relu", "gelu", "swish", "tanh", "elu"]
@@ -122,3 +123,114 @@ class MLPHead:
             if self.dropout:
                 x = keras.layers.Dropout(self.dropout, name=f"dropout_{index}")(x)
         return keras.Model(features, _output_layer(num_classes, task)(x), name="head")
+
+
+# scikit-learn classifiers whose decision is one affine map of the features, so the fitted
+# estimator is exactly a Dense layer: every export format serves it unchanged.
+_LINEAR_ESTIMATORS = ("LogisticRegression", "LinearSVC", "RidgeClassifier")
+_SCALERS = ("StandardScaler",)
+
+
+class SklearnHead:
+    """A scikit-learn classifier fitted on the frozen backbone's features, served as a Dense layer.
+
+    The backbone runs once per split (through the feature cache); the estimator is fitted
+    on the training features and written into the head's Dense layer, so evaluation, every
+    export format and the MLflow model serve exactly the fitted estimator:
+    `LogisticRegression` gives its own `predict_proba` (softmax, or a sigmoid for two
+    classes); `LinearSVC` and `RidgeClassifier`, which have no probabilities, give a
+    softmax (sigmoid) of their decision function: the same decisions, uncalibrated. A
+    `Pipeline` may put `StandardScaler`s before the classifier (folded into the layer).
+    Spatial features are averaged first, as the Keras heads do. Multilabel tasks are not
+    supported, and `freeze` must be `all` (the config check says so before any work).
+
+    Args:
+        estimator: the scikit-learn classifier, built by Hydra from its `_target_` and keys
+            (`head.estimator.C=0.1` in a sweep).
+
+    Example:
+        >>> SklearnHead(LogisticRegression(C=1.0, max_iter=1000))
+    """
+
+    def __init__(self, estimator: Any):
+        from sklearn.base import is_classifier
+
+        name = type(estimator).__name__
+        if not is_classifier(estimator):
+            raise ConfigError(
+                f"head.estimator._target_ builds {type(estimator).__module__}.{name}, which is not a "
+                "scikit-learn classifier. Use one, for example "
+                "head.estimator._target_=sklearn.linear_model.LogisticRegression."
+            )
+        steps = [step for _, step in estimator.steps] if hasattr(estimator, "steps") else [estimator]
+        scalers, final = steps[:-1], steps[-1]
+        if type(final).__name__ not in _LINEAR_ESTIMATORS or any(
+            step not in (None, "passthrough") and type(step).__name__ not in _SCALERS for step in scalers
+        ):
+            raise ConfigError(
+                f"head.estimator: {name} ({' -> '.join(type(s).__name__ for s in steps)}) cannot be "
+                f"served as a layer yet; supported: {', '.join(_LINEAR_ESTIMATORS)}, optionally in a "
+                "sklearn.pipeline.Pipeline after StandardScaler, for example "
+                "head.estimator._target_=sklearn.linear_model.LogisticRegression."
+            )
+        self.estimator = estimator
+
+    def build(self, feature_shape: tuple[int, ...], num_classes: int, task: Task) -> Any:
+        import keras
+
+        if task == "multilabel":
+            raise ConfigError(
+                "head=sklearn fits one scikit-learn classifier, which takes one class per example; "
+                "data.task=multilabel needs a Keras head: use head=linear or head=mlp."
+            )
+        features, x = _features_input(feature_shape)
+        return keras.Model(features, _output_layer(num_classes, task)(x), name="head")
+
+    def fit(self, head: Any, features: Any, labels: Any, task: Task) -> None:
+        """Fit the estimator on `features` (the backbone's outputs) and write it into `head`."""
+        import keras
+        import numpy as np
+        from sklearn.base import clone
+
+        output = head.get_layer("probabilities")
+        pooled = keras.Model(head.inputs, output.input)  # what the Dense layer sees
+        x = np.asarray(pooled.predict(features, verbose=0, batch_size=1024), dtype="float64")
+        labels = np.asarray(labels).astype("int64")
+        num_classes = output.units if task != "binary" else 2
+        if len(np.unique(labels)) < 2:
+            raise DataError(
+                "head=sklearn: the training split holds one class only; a classifier needs two or more"
+            )
+        self.fitted = clone(self.estimator).fit(x, labels)
+        kernel, bias = _affine(self.fitted, x.shape[1], num_classes, task)
+        output.set_weights([kernel.astype("float32"), bias.astype("float32")])
+
+
+def _affine(estimator: Any, width: int, num_classes: int, task: Task) -> tuple[Any, Any]:
+    """`(kernel, bias)` of the Dense layer whose pre-activation is the estimator's decision."""
+    import numpy as np
+
+    steps = [step for _, step in estimator.steps] if hasattr(estimator, "steps") else [estimator]
+    final = steps[-1]
+    coef, intercept = np.atleast_2d(final.coef_), np.atleast_1d(final.intercept_)
+    kernel = np.zeros((width, num_classes))
+    bias = np.zeros(num_classes)
+    classes = [int(c) for c in final.classes_]
+    if task == "binary":  # classes [0, 1]: sigmoid(z) is the second class's probability
+        kernel, bias = coef.T, intercept
+    else:
+        bias[:] = -1e9  # a class the training split lacks never wins
+        if coef.shape[0] == 1:  # two classes, one decision: softmax([-z/2, z/2]) = [sigmoid(-z), sigmoid(z)]
+            for sign, label in ((-0.5, classes[0]), (0.5, classes[1])):
+                kernel[:, label], bias[label] = sign * coef[0], sign * intercept[0]
+        else:  # one decision per class
+            for row, label in enumerate(classes):
+                kernel[:, label], bias[label] = coef[row], intercept[row]
+    for scaler in reversed(steps[:-1]):  # decision(scale(x)) = kernel.T (x - mean) / std + bias
+        if scaler is None or scaler == "passthrough":
+            continue
+        scale = scaler.scale_ if scaler.with_std else np.ones(width)
+        mean = scaler.mean_ if scaler.with_mean else np.zeros(width)
+        kernel = kernel / scale[:, None]
+        bias = bias - mean @ kernel
+    return kernel, bias

@@ -3,8 +3,9 @@
 `pipeline.rerun` rebuilds a run from its stored `config.yaml`, which anyone who can write the
 store's artifacts can edit. Before anything is built from it, `check_replay` refuses:
 
-- a `_target_` outside this package, `keras.optimizers.*` and `keras.losses.*` (Hydra would
-  import and call it: `builtins.open`, `os.system`, ...);
+- a `_target_` outside this package, `keras.optimizers.*`, `keras.losses.*` and the
+  scikit-learn estimators `head=sklearn` serves (Hydra would import and call it:
+  `builtins.open`, `os.system`, ...);
 - a resolver (`${oc.env:SECRET}`, `${oc.decode:...}`): a stored config is already resolved,
   so one there can only read the machine;
 - a setting that runs code from a file (`allow_unsafe: true`, `safe_mode: false`), unless
@@ -19,7 +20,10 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 
-ALLOWED_TARGETS = ("pipeline.", "keras.optimizers.", "keras.losses.")
+# The estimators head=sklearn serves (pipeline.heads.SklearnHead), and nothing else of scikit-learn.
+SKLEARN_TARGETS = ("sklearn.linear_model.", "sklearn.svm.", "sklearn.pipeline.Pipeline",
+                   "sklearn.preprocessing.StandardScaler")
+ALLOWED_TARGETS = ("pipeline.", "keras.optimizers.", "keras.losses.", *SKLEARN_TARGETS)
 _RESOLVER = re.compile(r"\$\{\s*[\w.-]+\s*:")
 _RUNS_CODE = {"allow_unsafe": True, "safe_mode": False}
 
@@ -30,9 +34,10 @@ def check_replay(config: Any, allow_unsafe: bool = False, where: str = "the stor
         name = key.rsplit(".", 1)[-1]
         if name == "_target_" and not (isinstance(value, str) and value.startswith(ALLOWED_TARGETS)):
             raise ConfigError(
-                f"{where}: {key}={value!r} is not a class of this pipeline, keras.optimizers or "
-                "keras.losses; a replayed config may not build it. Run it yourself from a config "
-                "file you trust instead of replaying the store's."
+                f"{where}: {key}={value!r} is not a class of this pipeline, keras.optimizers, "
+                "keras.losses or a scikit-learn estimator that head=sklearn serves; a replayed config "
+                "may not build it. Run it yourself from a config file you trust instead of replaying "
+                "the store's."
             )
         if isinstance(value, str) and _RESOLVER.search(value):
             raise ConfigError(

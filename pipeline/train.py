@@ -172,6 +172,8 @@ class Trainer:
         optimizer = self._optimizer(adapted, steps_per_epoch)
         self._compile(adapted.model, adapted, optimizer)
         first_epoch = self._restore(adapted, resume) if resume is not None else 0
+        if adapted.fit_head is not None:
+            return self._fit_head_once(adapted, data, on_epoch_end, checkpoint_dir, first_epoch, optimizer)
         cached_epochs, cache_status = self._cache_plan(adapted, data)
         log.info("feature cache: %s", cache_status)
 
@@ -226,6 +228,63 @@ class Trainer:
         head_only = features is not None and epochs <= cached_epochs
         return TrainResult(values, epochs, weights_sha256(adapted.model), cache_status,
                            features if head_only else None)
+
+    def _fit_head_once(self, adapted: AdaptedModel, data: DataBundle, on_epoch_end: EpochHook,
+                       checkpoint_dir: Path | None, first_epoch: int, optimizer: Any) -> TrainResult:
+        """`head=sklearn`: the head fitted in one step on the backbone's training features.
+
+        The features come from the feature cache (the backbone runs once per split, and not
+        at all for later jobs of a sweep); without a usable cache they are computed in
+        memory. The fit counts as the run's one epoch: its train and validation metrics are
+        logged, and it is checkpointed, so a resumed run does not fit again.
+        """
+        import numpy as np
+
+        from pipeline.callbacks import AtomicCheckpoint
+        from pipeline.errors import ConfigError
+
+        if adapted.backbone.trainable_weights or adapted.freeze.on_epoch_begin is not None:
+            raise ConfigError(
+                "head=sklearn fits a classifier on the frozen backbone's features, but the freeze "
+                "setting trains backbone weights: set freeze=all."
+            )
+        if data.augmentation is not None:
+            raise ConfigError(
+                "head=sklearn fits once on the features of the unaugmented images; turn the "
+                "augmentation off (the data.augmentation values at 0 and flip=none) or use a Keras head."
+            )
+        if self.feature_cache:
+            features, status = self._cached_features(adapted, data)
+        else:
+            features, status = None, "off (train.feature_cache=false)"
+        cached = features is not None
+        if not cached:
+            backbone = adapted.backbone
+            features = {split: getattr(data, split).batch(self.batch_size)
+                        .map(lambda x, y: (backbone(x, training=False), y)).unbatch()
+                        for split in ("train", "val", "test")}
+        history: dict[str, list[float]] = {}
+        if first_epoch < 1:
+            batches = list(features["train"].batch(4096).as_numpy_iterator())
+            x = np.concatenate([b[0] for b in batches])
+            y = np.concatenate([b[1] for b in batches])
+            log.info("head=sklearn: fitting %s on %d training features of shape %s",
+                     type(adapted.fit_head.__self__.estimator).__name__, len(x), x.shape[1:])
+            adapted.fit_head(adapted.head, x, y, adapted.task)
+            metrics = {}
+            self._compile(adapted.head, adapted, optimizer)  # for its loss and metrics
+            for split, prefix in (("train", ""), ("val", "val_")):
+                batched = _prepared(features[split].batch(self.batch_size), adapted.task, None)
+                scores = adapted.head.evaluate(batched, verbose=0, return_dict=True)
+                metrics.update({f"{prefix}{name}": float(value) for name, value in scores.items()})
+            history = {name: [value] for name, value in metrics.items()}
+            on_epoch_end(0, metrics)
+            if self.checkpoint and checkpoint_dir is not None:
+                checkpoint = AtomicCheckpoint(Path(checkpoint_dir), adapted.model)
+                checkpoint.set_model(adapted.model)
+                checkpoint.set_params({"epochs": 1})
+                checkpoint.on_epoch_end(0)
+        return TrainResult(history, 1, weights_sha256(adapted.model), status, features if cached else None)
 
     def _restore(self, adapted: AdaptedModel, checkpoint_dir: Path) -> int:
         """Load weights and optimizer state; replay the freeze schedule; the next epoch."""

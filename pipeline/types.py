@@ -89,6 +89,8 @@ class AdaptedModel:
     apart so that training can run the head alone on precomputed backbone features.
     `freeze` is the `pipeline.freeze.FrozenState`: the backbone's units, the variables that
     may ever train, and the schedule that unfreezes more of them during training.
+    `fit_head(head, features, labels, task)` fits the head in one step on the backbone's
+    training features instead of by gradient descent (`head=sklearn`); None for Keras heads.
     """
 
     model: Any
@@ -97,6 +99,7 @@ class AdaptedModel:
     task: Task
     class_names: tuple[str, ...]
     freeze: Any = None
+    fit_head: Any = None
 
 
 @dataclass(frozen=True)

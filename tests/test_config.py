@@ -13,7 +13,7 @@ from conftest import CONFIG_DIR, PROJECT_ROOT, compose
 from pipeline import config
 from pipeline.errors import ConfigError
 
-GROUPS = ("source", "freeze", "head", "data", "train", "evaluate", "export", "tracking")
+GROUPS = ("source", "freeze", "head", "data", "train", "evaluate", "export", "tracking", "extract")
 
 # Values for the `???` keys of options, so that each option can be built in isolation.
 # Building an option must not touch these paths (loading happens in `load()`).
@@ -151,3 +151,15 @@ def test_cli_help_lists_the_groups():
     assert done.returncode == 0
     for group in GROUPS:
         assert f"{group}:" in done.stdout
+
+
+def test_head_sklearn_freezes_the_backbone_and_checks_the_estimator(tmp_path):
+    assert compose(["head=sklearn"], tmp_path).freeze._target_ == "pipeline.freeze.FreezeAll"
+    with pytest.raises(ConfigError, match=r"head=sklearn .* freeze is 'pipeline\.freeze\.TopN'.*set freeze=all"):
+        config.validate(compose(["head=sklearn", "freeze=top_n"], tmp_path))
+    with pytest.raises(ConfigError, match=r"head\.estimator\.c=0\.1 is not a setting of sklearn\.linear_model\.LogisticRegression"):
+        config.validate(compose(["head=sklearn", "+head.estimator.c=0.1"], tmp_path))
+    cfg = compose(["head=sklearn", "head.estimator._target_=sklearn.svm.LinearSVC", "~head.estimator.max_iter",
+                   "head.estimator.C=0.1"], tmp_path)
+    config.validate(cfg)
+    assert type(config.build(cfg, "head").estimator).__name__ == "LinearSVC"

@@ -162,3 +162,90 @@ def test_a_custom_head_class_builds_through_target(hub_model_dir):
     assert probabilities.shape == (2, 4)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     assert adapted.head.get_layer(index=-1).__class__.__name__ == "Softmax"
+
+
+# --- head=sklearn: the fitted estimator, folded into the Dense layer, is what is served ----
+
+
+def _blobs(num_classes, n=240, width=6, seed=0):
+    """Features where each class shifts a few of them: learnable, not separable."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    x = rng.normal(size=(n, width)) * 1.5
+    x[np.arange(n), labels % width] += 2.0
+    return (x * 3 + 5).astype("float32"), labels.astype("int64")  # off-centre, for the scaler
+
+
+@pytest.mark.parametrize(("task", "num_classes"), [("multiclass", 4), ("binary", 2), ("multiclass", 2)])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_sklearn_logistic_regression_serves_its_own_predict_proba(task, num_classes, scaled):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from pipeline.heads import SklearnHead, class_probabilities
+
+    estimator = LogisticRegression(C=0.3, max_iter=2000)
+    head = SklearnHead(make_pipeline(StandardScaler(), estimator) if scaled else estimator)
+    x, y = _blobs(num_classes)
+    model = head.build((x.shape[1],), num_classes, task)
+    head.fit(model, x, y, task)
+    served = np.asarray(class_probabilities(model.predict(x, verbose=0), task))
+    expected = head.fitted.predict_proba(x)  # the oracle: scikit-learn itself
+    np.testing.assert_allclose(served, expected, atol=2e-5)
+    assert 0.5 < np.mean(expected.argmax(1) == y) < 1.0  # it learned, and not trivially
+
+
+@pytest.mark.parametrize("name", ["LinearSVC", "RidgeClassifier"])
+def test_sklearn_estimators_without_probabilities_serve_their_decisions(name):
+    import sklearn.linear_model
+    import sklearn.svm
+
+    from pipeline.heads import SklearnHead, class_probabilities
+
+    estimator = getattr(sklearn.svm, name, None) or getattr(sklearn.linear_model, name)
+    head = SklearnHead(estimator())
+    x, y = _blobs(3)
+    model = head.build((x.shape[1],), 3, "multiclass")
+    head.fit(model, x, y, "multiclass")
+    served = np.asarray(class_probabilities(model.predict(x, verbose=0), "multiclass"))
+    np.testing.assert_array_equal(served.argmax(1), head.fitted.predict(x))
+    np.testing.assert_allclose(served, _softmax(head.fitted.decision_function(x)), atol=2e-5)
+
+
+def test_sklearn_a_class_missing_from_training_is_never_predicted():
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.heads import SklearnHead
+
+    head = SklearnHead(LogisticRegression(max_iter=1000))
+    x, y = _blobs(3)
+    keep = y != 1  # class 1 of 3 has no training example
+    model = head.build((x.shape[1],), 3, "multiclass")
+    head.fit(model, x[keep], y[keep], "multiclass")
+    served = model.predict(x, verbose=0)
+    assert served[:, 1].max() < 1e-6
+    np.testing.assert_allclose(served[:, [0, 2]], head.fitted.predict_proba(x), atol=2e-5)
+
+
+def test_sklearn_refuses_what_it_cannot_serve_before_any_work():
+    from sklearn.linear_model import LinearRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import MinMaxScaler
+
+    from pipeline.errors import ConfigError
+    from pipeline.heads import SklearnHead
+
+    with pytest.raises(ConfigError, match=r"LinearRegression, which is not a scikit-learn classifier"):
+        SklearnHead(LinearRegression())
+    with pytest.raises(ConfigError, match=r"KNeighborsClassifier .*cannot be served as a layer yet"):
+        SklearnHead(KNeighborsClassifier())
+    with pytest.raises(ConfigError, match=r"MinMaxScaler -> LogisticRegression"):
+        from sklearn.linear_model import LogisticRegression
+
+        SklearnHead(make_pipeline(MinMaxScaler(), LogisticRegression()))
+    with pytest.raises(ConfigError, match=r"data\.task=multilabel needs a Keras head"):
+        from sklearn.linear_model import LogisticRegression
+
+        SklearnHead(LogisticRegression()).build((4,), 3, "multilabel")

@@ -11,17 +11,17 @@ The runs cover each value of every factor, and the pairs marked below (pairwise 
 options allow it: multilabel exists for `csv` only, `digits` has no files, resize policy
 or determinism setting):
 
-| run          | data         | resize            | task       | deterministic | channels |
-|--------------|--------------|-------------------|------------|---------------|----------|
-| folder_ap    | image_folder | aspect_preserving | multiclass | false         | 3        |
-| folder_cp    | image_folder | crop_or_pad       | binary     | true          | 1        |
-| csv_ml       | csv          | resize            | multilabel | false         | 3        |
-| csv_ap       | csv          | aspect_preserving | binary     | true          | 1        |
-| tfrecord_cp  | tfrecord     | crop_or_pad       | multiclass | false         | 1        |
-| tfrecord_r   | tfrecord     | resize            | binary     | true          | 3        |
-| tfds_ap      | tfds         | aspect_preserving | multiclass | false         | 1        |
-| tfds_cp      | tfds         | crop_or_pad       | binary     | true          | 3        |
-| digits       | digits       | (8x8 arrays)      | multiclass | (fixed)       | 1        |
+| run          | data         | resize            | task       | deterministic | channels | head |
+|--------------|--------------|-------------------|------------|---------------|----------|------|
+| folder_ap    | image_folder | aspect_preserving | multiclass | false         | 3        | linear (Keras) |
+| folder_cp    | image_folder | crop_or_pad       | binary     | true          | 1        | sklearn LinearSVC |
+| csv_ml       | csv          | resize            | multilabel | false         | 3        | linear (Keras) |
+| csv_ap       | csv          | aspect_preserving | binary     | true          | 1        | linear (Keras) |
+| tfrecord_cp  | tfrecord     | crop_or_pad       | multiclass | false         | 1        | linear (Keras) |
+| tfrecord_r   | tfrecord     | resize            | binary     | true          | 3        | linear (Keras) |
+| tfds_ap      | tfds         | aspect_preserving | multiclass | false         | 1        | linear (Keras) |
+| tfds_cp      | tfds         | crop_or_pad       | binary     | true          | 3        | linear (Keras) |
+| digits       | digits       | (8x8 arrays)      | multiclass | (fixed)       | 1        | sklearn StandardScaler + LogisticRegression |
 
 Before the one-pass evaluation, `deterministic: false` runs reported metrics of
 predictions paired with other images' labels; before the served pixel path, the
@@ -351,6 +351,7 @@ def test_image_folder_crop_or_pad_binary_grayscale(tmp_path, sources):
         tmp_path, sources[1], 1, "data=image_folder", f"data.train_dir={tmp_path / 'images/train'}",
         f"data.val_dir={tmp_path / 'images/val'}", f"data.test_dir={tmp_path / 'images/test'}",
         "data.resize=crop_or_pad", "data.task=binary", "data.deterministic=true",
+        "head=sklearn", "head.estimator._target_=sklearn.svm.LinearSVC", "~head.estimator.max_iter",
     )
     paths, labels = zip(*files["test"])
     probabilities, top = served(run_dir / "export/saved_model", files=paths)
@@ -474,7 +475,12 @@ def test_digits_all_splits_against_the_raw_arrays(tmp_path):
 
     from pipeline.runner import run as run_pipeline
 
-    run_pipeline(compose(["train.epochs=6", "train.verbose=0", "evaluate.splits=[train,val,test]",
+    # head=sklearn: a StandardScaler + LogisticRegression folded into the served Dense layer.
+    run_pipeline(compose(["head=sklearn", "freeze=all", "head.estimator._target_=sklearn.pipeline.Pipeline",
+                          "~head.estimator.C", "~head.estimator.max_iter",
+                          "+head.estimator.steps=[[scale,{_target_:sklearn.preprocessing.StandardScaler}],"
+                          "[fit,{_target_:sklearn.linear_model.LogisticRegression,C:0.5,max_iter:2000}]]",
+                          "train.verbose=0", "evaluate.splits=[train,val,test]",
                           f"train.feature_cache_dir={tmp_path / 'cache'}"], tmp_path))
     run_dir = tmp_path / "run"
     digits = load_digits()
