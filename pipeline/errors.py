@@ -1,5 +1,10 @@
 """The errors a user can act on. Each message says what happened, what was expected and the fix."""
 
+from __future__ import annotations
+
+import errno
+import re
+
 
 class PipelineError(Exception):
     """Base class: a problem with the user's config, files or data, not a bug of ours."""
@@ -31,3 +36,66 @@ class TrainingDiverged(PipelineError):
 
 class IncompatibleVersion(PipelineError):
     """An installed library no longer has the private API that a patch in `pipeline.compat` needs."""
+
+
+class RunStopped(PipelineError):
+    """The run stopped for a reason outside the model: a full disk, a permission, a signal.
+
+    Its MLflow run ends KILLED, not FAILED, so that the same command resumes it (`resume=auto`).
+    """
+
+
+_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+_NO_PERMISSION = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EROFS: "read-only file system"}
+# TensorFlow reports the same refusals as its own errors (a SavedModel or checkpoint write).
+_TENSORFLOW_TEXT = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                    "Permission denied": errno.EACCES, "Read-only file system": errno.EROFS}
+
+
+def write_fault(error: BaseException) -> OSError | None:
+    """The refusal behind `error` when the machine would not let a file be written: a full
+    disk or quota, a permission, a read-only file system. None for every other error.
+
+    Looks through what `error` was raised from, since stages wrap OS errors in their own.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and (cause.errno in _NO_SPACE or cause.errno in _NO_PERMISSION):
+            return cause
+        if type(cause).__module__.startswith("tensorflow"):
+            text = str(cause)
+            for phrase, number in _TENSORFLOW_TEXT.items():
+                if phrase in text:
+                    path = re.search(r"(/[^\s;:'\"]+)", text)
+                    return OSError(number, phrase, path.group(1) if path else None)
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    return None
+
+
+def is_disk_full(fault: OSError) -> bool:
+    return fault.errno in _NO_SPACE
+
+
+def describe_write_fault(fault: OSError) -> str:
+    """`no space left on device writing /runs/x/export`, `permission denied on /runs/x`, for
+    `write_fault`'s result."""
+    if fault.errno in _NO_SPACE:
+        return _NO_SPACE[fault.errno] + (f" writing {fault.filename}" if fault.filename else "")
+    what = _NO_PERMISSION.get(fault.errno) or fault.strerror or str(fault)
+    return what + (f" on {fault.filename}" if fault.filename else "")
+
+
+def outside_the_model(error: BaseException) -> str | None:
+    """Why the run stopped, when the reason lies outside the model: a signal, a full disk, a
+    permission, the tracking store. None when the run failed on its own (config, data, code),
+    which no rerun of the same command would change.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return f"interrupted ({error})" if str(error) else "interrupted (Ctrl-C)"
+    if isinstance(error, (RunStopped, TrackingError)):
+        return str(error)
+    fault = write_fault(error)
+    return describe_write_fault(fault) if fault is not None else None

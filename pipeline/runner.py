@@ -18,15 +18,23 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config, provenance
 from pipeline.distribute import is_chief
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import (
+    ConfigError,
+    PipelineError,
+    RunStopped,
+    describe_write_fault,
+    is_disk_full,
+    write_fault,
+)
 from pipeline.files import run_dir_lock
+from pipeline.hydra_app import start_error, tidy_run_dir
 from pipeline.resume import RUN_FILE, resume_target
 from pipeline.sweep import PARENT_RUN_ENV
 
@@ -35,12 +43,21 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(PROJECT_ROOT / "conf")
 
 
-def run(cfg: DictConfig, rerun_of: tuple[str, Mapping[str, str]] | None = None) -> dict[str, float]:
+def run(
+    cfg: DictConfig,
+    rerun_of: tuple[str, Mapping[str, str]] | None = None,
+    on_run_dir: Callable[[Path, bool], None] | None = None,
+) -> dict[str, float]:
     """Run one experiment from a composed config; returns the final metrics.
+
+    A full disk or a refused permission anywhere in the run raises `RunStopped`, and its
+    MLflow run ends KILLED, like an interrupted one, so that the same command resumes it.
 
     Args:
         rerun_of: `(run_id, tags)` of the run this one repeats (`python -m pipeline.rerun`);
             every recorded fact that differs now is logged as a warning.
+        on_run_dir: called with the directory the run writes to, and whether it resumes an
+            earlier run there, once the directory is locked and the MLflow run open.
     """
     resolved = config.validate(cfg)  # before TensorFlow is imported
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
@@ -54,14 +71,21 @@ def run(cfg: DictConfig, rerun_of: tuple[str, Mapping[str, str]] | None = None) 
     output_dir = resumed.run_dir if resumed else Path(cfg.output_dir)
 
     chief = is_chief(stages.train.strategy)
-    with _sigterm_as_interrupt(), run_dir_lock(output_dir) if chief else nullcontext(), stages.tracking.run(
-        config.flatten(_without_hydra(resolved)),
-        tags,
-        record=chief,
-        resume_run_id=resumed.run_id if resumed else None,
-        parent_run_id=os.environ.get(PARENT_RUN_ENV),
-    ) as tracked:
+    with (
+        _machine_faults(_places(resolved, output_dir), again=_again(cfg, output_dir)),
+        _sigterm_as_interrupt(),
+        run_dir_lock(output_dir) if chief else nullcontext(),
+        stages.tracking.run(
+            config.flatten(_without_hydra(resolved)),
+            tags,
+            record=chief,
+            resume_run_id=resumed.run_id if resumed else None,
+            parent_run_id=os.environ.get(PARENT_RUN_ENV),
+        ) as tracked,
+    ):
         _open_run_dir(output_dir, resolved, tracked, fresh=resumed is None)
+        if on_run_dir is not None:
+            on_run_dir(output_dir, resumed is not None)
         trained = _train(stages, tracked, check, output_dir, resumed is not None)
         if trained is None:
             return {}  # non-chief workers train; the chief evaluates, exports and logs
@@ -114,6 +138,8 @@ def _open_run_dir(output_dir: Path, resolved: dict[str, Any], tracked, fresh: bo
     tracked.set_tags({"run_dir": str(output_dir.resolve())})
     if fresh:
         _write_run_files(output_dir, resolved, tracked)
+    elif (output_dir / "config.yaml").exists():  # again: the first attempt may have stopped logging it
+        tracked.log_artifact(output_dir / "config.yaml")
 
 
 def _train(stages: Stages, tracked, check: RerunCheck, output_dir: Path, resuming: bool):
@@ -181,11 +207,55 @@ def _write_run_files(output_dir: Path, resolved: dict[str, Any], tracked) -> Non
     """The resolved config (also an artifact) and the run's id, for `resume=<run dir>`."""
     config_file = output_dir / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(_without_hydra(resolved)))
-    tracked.log_artifact(config_file)
-    if tracked.run_id:
+    if tracked.run_id:  # first: a run stopped by a refused artifact write stays resumable
         (output_dir / RUN_FILE).write_text(
             json.dumps({"run_id": tracked.run_id, "tracking_uri": tracked.tracking_uri}) + "\n"
         )
+    tracked.log_artifact(config_file)
+
+
+@contextmanager
+def _machine_faults(places: Mapping[str, Path], again: str) -> Iterator[None]:
+    """A full disk or a refused permission, anywhere in the run, as one `RunStopped` line that
+    names the path, the config key that put it there, and the fix.
+
+    The MLflow run (inside) has seen the OSError itself and ended KILLED, not FAILED.
+    """
+    try:
+        yield
+    except PipelineError:
+        raise  # already says what to do, in the words of the stage that knows
+    except Exception as error:
+        fault = write_fault(error)
+        if fault is None:
+            raise
+        what = describe_write_fault(fault)
+        if is_disk_full(fault):
+            raise RunStopped(f"{what}; free space and {again}") from error
+        path = Path(fault.filename).absolute() if fault.filename else None
+        key = next((k for k, place in places.items() if path and path.is_relative_to(place)), None)
+        chosen_by = f" (under {key}={str(places[key])!r})" if key else ""
+        folder = f" (chmod u+rwX {path if path.is_dir() else path.parent})" if path else ""
+        raise RunStopped(f"{what}{chosen_by}: let this user read and write there{folder}, then {again}") \
+            from error
+
+
+def _places(resolved: dict[str, Any], output_dir: Path) -> dict[str, Path]:
+    """The config keys that choose where a run writes files, and the folders they name.
+
+    (The tracking database reports its own refusals, as TrackingError naming tracking.uri.)
+    """
+    tracking, train = resolved.get("tracking") or {}, resolved.get("train") or {}
+    places = {"output_dir": output_dir, "tracking.artifact_location": tracking.get("artifact_location"),
+              "train.feature_cache_dir": train.get("feature_cache_dir")}
+    return {key: Path(str(place)).absolute() for key, place in places.items() if place}
+
+
+def _again(cfg: DictConfig, output_dir: Path) -> str:
+    """How a run stopped from outside continues: the same command, unless resuming is off."""
+    if cfg.get("resume") in (None, "never"):
+        return f"continue it with resume={output_dir}"
+    return "run the same command again: it resumes this run"
 
 
 def _job_overrides() -> dict[str, str]:
@@ -242,20 +312,43 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns `cfg.optimized_metric`'s value for sweepers.
 
     In a multirun a failing job raises into Hydra, which keeps the error in the job's
-    result and runs the other jobs; its MLflow run is FAILED with the traceback, and the
-    sweep's report lists it.
+    result and runs the other jobs; its MLflow run is FAILED with the traceback (KILLED when
+    stopped from outside: a signal, the disk, the store), and the sweep's report lists it. A single run ends a user's error (and Ctrl-C) with one
+    `error:` line and exit status 2, and removes Hydra's run directory if it stayed empty.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    wrote_to: list[tuple[Path, bool]] = []
     try:
-        metrics = run(cfg)
+        metrics = run(cfg, on_run_dir=lambda path, resumed: wrote_to.append((path, resumed)))
     except PipelineError as error:
         log.error("%s", error)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if multirun:
             raise
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        _exit_with(str(error))
+    except KeyboardInterrupt as error:
+        if multirun:
+            raise
+        output_dir = wrote_to[0][0] if wrote_to else Path(cfg.output_dir)
+        message = f"interrupted ({str(error) or 'Ctrl-C'}); {_again(cfg, output_dir)}"
+        log.error("%s", message)
+        _exit_with(message)
+    except Exception as error:  # a refused write before the run's own checks (run() names the rest)
+        fault = write_fault(error)
+        if multirun or fault is None:
+            raise
+        message = (f"{describe_write_fault(fault)}: let this user read and write there, then run the "
+                   "same command again")
+        log.error("%s", message)
+        _exit_with(message)
+    finally:
+        if not multirun:
+            own = [name for name in (hydra_cfg.output_subdir, f"{hydra_cfg.job.name}.log") if name]
+            run_dir, resumed = wrote_to[0] if wrote_to else (None, False)
+            tidy_run_dir(Path(hydra_cfg.runtime.output_dir), own, run_dir, resumed)
     key = cfg.get("optimized_metric")
     if key is None or not metrics:  # no objective, or a non-chief worker
         return None
@@ -267,9 +360,37 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return metrics[key]
 
 
+def _exit_with(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+
+
 def main() -> None:
     """Console entry point (`python -m pipeline`, `pipeline`)."""
     # TensorFlow's C++ start-up chatter hides the run's own log; TF_CPP_MIN_LOG_LEVEL=0 shows it.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    _hydra_main()
+    # Hydra prints its own errors (a misspelled key, a bad override) over several lines and
+    # exits 1; with HYDRA_FULL_ERROR they reach us instead, and a user's mistake becomes one
+    # line. Set by the user, it keeps every traceback, as Hydra documents.
+    tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:  # before the run started, or a multirun's job
+        if tracebacks:
+            raise
+        _exit_with("interrupted; run the same command again: killed runs resume where they stopped")
+    except Exception as error:
+        message = None if tracebacks or _raised_in_a_job(error) else start_error(error)
+        if message is None:
+            raise  # a multirun's failed job (its report is printed on exit), or a bug of ours
+        _exit_with(message)
+
+
+def _raised_in_a_job(error: BaseException) -> bool:
+    """Whether `error` came out of `_hydra_main` itself (a job), not Hydra's set-up around it."""
+    import traceback
+
+    return any(frame.name == "_hydra_main" and frame.filename == __file__
+               for frame in traceback.extract_tb(error.__traceback__))

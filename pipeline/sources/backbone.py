@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 
+from pipeline.errors import SourceError
 from pipeline.sources.pin import Pinnable
 from pipeline.sources.preprocess import PreprocessLayer
 from pipeline.types import SourceModel
@@ -60,7 +61,10 @@ def build_backbone(
 ) -> SourceModel:
     """`images (raw 0-255) -> preprocess -> extractor -> features`, as one Keras model."""
     images = keras.Input(shape=input_shape, name="images")
-    features = extractor(PreprocessLayer(preprocess, name="preprocess")(images))
+    try:
+        features = extractor(PreprocessLayer(preprocess, name="preprocess")(images))
+    except ValueError as error:  # Keras or a SavedModel could not take images of this shape
+        raise SourceError(_shape_mismatch(description, list(input_shape), error)) from error
     backbone = keras.Model(images, features, name="backbone")
     return SourceModel(
         backbone=backbone,
@@ -68,4 +72,24 @@ def build_backbone(
         feature_shape=tuple(features.shape[1:]),
         preprocess=preprocess,
         description=description,
+    )
+
+
+def _shape_mismatch(description: str, shape: list[int], error: ValueError) -> str:
+    """What a source that cannot be called on `source.input_shape` takes instead, if it says."""
+    import re
+
+    text = str(error)
+    reasons = re.findall(r"(?:ValueError|TypeError): ([^\n]+)", text)
+    reason = (reasons[-1] if reasons else text.strip().splitlines()[0]).removesuffix(" Got:").strip()
+    specs = re.findall(r"TensorSpec\(shape=\(None, ([0-9, ]+)\)", text)
+    accepted = sorted({dims.replace(" ", "") for dims in specs})
+    if accepted:
+        takes = " or ".join(f"[{dims}]" for dims in accepted)
+        fix = f"it takes {takes}: set source.input_shape=[{accepted[0]}]"
+    else:
+        fix = "set source.input_shape to the [height, width, channels] the model takes"
+    return (
+        f"source.input_shape={shape} does not fit the source model {description} "
+        f"({reason[:300]}); {fix}, or leave source.input_shape at the option's default"
     )

@@ -10,10 +10,14 @@ each of its sessions, and `store_uri` gives the connections it opens before a se
 URI parameter. What a busy timeout cannot cover is two processes creating a new store's
 tables at once (each fails on the other's half-made tables), so a store is opened under a
 file lock beside the database.
+
+A store that refuses us (a read-only or full database file or folder, a server that says
+no) raises TrackingError naming `tracking.uri` and the fix, never MLflow's traceback.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,8 +64,82 @@ def client(uri: str, timeout: float = 10.0) -> Any:
 
     check_server(uri, timeout)
     configured = store_uri(uri)
-    with _opening(configured):  # MlflowClient builds the store, and its tables if new
+    _quiet_refusals()
+    _create_database_file(uri)
+    with _opening(configured), refusals(uri):  # MlflowClient builds the store, and its tables if new
         return MlflowClient(tracking_uri=configured)
+
+
+@contextmanager
+def refusals(uri: str) -> Iterator[None]:
+    """The store's refusals meanwhile as TrackingError naming `tracking.uri` and the fix.
+
+    A refusal is the database failing as a database (read-only, full, unopenable, locked past
+    its timeout) or a server denying us. Other MLflow errors (a bad request: ours to fix) and
+    the OSErrors of a local artifact folder (the runner names the folder) pass unchanged.
+    """
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        yield
+    except (MlflowException, OperationalError) as error:
+        database = next((e for e in _causes(error) if isinstance(e, OperationalError)), None)
+        denied = getattr(error, "error_code", "") in ("PERMISSION_DENIED", "UNAUTHENTICATED")
+        if database is None and not denied:
+            raise
+        reason = str(getattr(database, "orig", None) or database or error).splitlines()[0][:300]
+        path = _database_file(uri)
+        if path is None:
+            fix = "check that the server lets you write (its permissions, its disk)"
+        elif "locked" in reason:
+            fix = f"another process held {path} longer than the busy timeout ({SQLITE_BUSY_TIMEOUT_S} s)"
+        else:
+            fix = f"make {path} and its folder {path.parent} writable (chmod u+w), or free space on its disk"
+        raise TrackingError(
+            f"the tracking store tracking.uri={uri!r} refused us ({reason}): {fix}; or log to a "
+            "store you can write, for example tracking.uri=sqlite:///mlflow.db. Then run the "
+            "same command again."
+        ) from error
+
+
+def _create_database_file(uri: str) -> None:
+    """Creates a new SQLite store's (empty) file, so that a folder where it cannot be created
+    fails now, not after MLflow's retries of a minute and a half."""
+    database = _database_file(uri)
+    if database is None or "?" in uri or str(database).startswith("file:") or database.exists():
+        return  # a URI with options (`?mode=ro&uri=true`) is the user's to open as given
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        database.touch()  # an empty file is an empty SQLite database; MLflow adds the tables
+    except OSError as error:
+        raise TrackingError(
+            f"the tracking store tracking.uri={uri!r} cannot be created ({error.strerror}: "
+            f"{error.filename}): make the folder {database.parent} writable, or log to a store "
+            "you can write, for example tracking.uri=sqlite:///mlflow.db. Then run the same "
+            "command again."
+        ) from error
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+
+
+class _Reraised(logging.Filter):
+    """Drops MLflow's own log of a database error (a traceback) that it raises to us anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SQLAlchemy database error")
+
+
+def _quiet_refusals() -> None:
+    logger = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _Reraised) for f in logger.filters):
+        logger.addFilter(_Reraised())
 
 
 @contextmanager

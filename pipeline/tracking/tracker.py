@@ -1,11 +1,15 @@
 """The tracker, which opens MLflow runs, and the run that stages report to.
 
 A run is opened by `MlflowTracker.run(...)` and always closed with a final status:
-FINISHED, FAILED (with the traceback as an artifact) or KILLED (interrupted).
+FINISHED, FAILED (with the traceback as an artifact) or KILLED: stopped for a reason outside
+the model (a signal, a full disk, a permission, the store itself), with the reason in its
+`killed_reason` tag. `resume=auto` continues KILLED runs, so the same command resumes them.
+A store that refuses a write raises TrackingError, naming the store and the fix.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -13,10 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, outside_the_model
 from pipeline.tracking import model, report, store
+from pipeline.tracking.store import refusals
 
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
+KILLED_REASON = "killed_reason"  # tag of a KILLED run: why it stopped (removed when resumed)
+log = logging.getLogger("pipeline")
 
 
 class TrackedRun:
@@ -46,13 +53,15 @@ class TrackedRun:
 
         now = get_current_time_millis()
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._client.log_batch(self.run_id, metrics=batch)
+        with refusals(self.tracking_uri):
+            self._client.log_batch(self.run_id, metrics=batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if Path(path).is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        with refusals(self.tracking_uri):  # a local artifact store's OSError passes unchanged
+            if Path(path).is_dir():
+                self._client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self._client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_skipped_files(self, paths: Sequence[str]) -> None:
         """The files the data stage could not decode: a count metric and a list artifact."""
@@ -65,8 +74,9 @@ class TrackedRun:
             self.log_artifact(listing)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        for key, value in tags.items():
-            self._client.set_tag(self.run_id, key, value)
+        with refusals(self.tracking_uri):
+            for key, value in tags.items():
+                self._client.set_tag(self.run_id, key, value)
 
     def log_model(self, export_root: Path) -> str:
         """Logs the export's SavedModel as this run's MLflow model `model`; returns its URI.
@@ -74,9 +84,10 @@ class TrackedRun:
         See `pipeline.tracking.model.log_model`: `models:/NAME/<version>` when registered
         (`tracking.register_as=NAME`), otherwise `runs:/<run_id>/model`.
         """
-        return model.log_model(
-            self._client, self.run_id, self.tracking_uri, Path(export_root), self.register_as
-        )
+        with refusals(self.tracking_uri):
+            return model.log_model(
+                self._client, self.run_id, self.tracking_uri, Path(export_root), self.register_as
+            )
 
     @property
     def ui_command(self) -> str:
@@ -173,45 +184,50 @@ class MlflowTracker:
         tags = {key: str(value) for key, value in tags.items()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        if resume_run_id:
-            client.update_run(resume_run_id, status="RUNNING")
-            for key, value in tags.items():
-                client.set_tag(resume_run_id, key, value)
-            run_id, params = resume_run_id, {}
-        else:
-            created = client.create_run(self._experiment_id(client), run_name=self.run_name, tags=tags)
-            run_id = created.info.run_id
+        with refusals(self.uri):
+            if resume_run_id:
+                client.update_run(resume_run_id, status="RUNNING")
+                if KILLED_REASON in client.get_run(resume_run_id).data.tags:
+                    client.delete_tag(resume_run_id, KILLED_REASON)
+                for key, value in tags.items():
+                    client.set_tag(resume_run_id, key, value)
+                run_id, params = resume_run_id, {}
+            else:
+                created = client.create_run(self._experiment_id(client), run_name=self.run_name, tags=tags)
+                run_id = created.info.run_id
         run = TrackedRun(client, run_id, self.uri, self.experiment, self.register_as)
         try:
             params_list = [Param(k, str(v)[:_MAX_PARAM_LENGTH]) for k, v in params.items()]
-            for start in range(0, len(params_list), 100):  # MLflow takes 100 params a batch
-                client.log_batch(run.run_id, params=params_list[start : start + 100])
-            client.set_tag(run.run_id, "mlflow.source.type", "LOCAL")
+            with refusals(self.uri):
+                for start in range(0, len(params_list), 100):  # MLflow takes 100 params a batch
+                    client.log_batch(run.run_id, params=params_list[start : start + 100])
+                client.set_tag(run.run_id, "mlflow.source.type", "LOCAL")
             yield run
-        except KeyboardInterrupt:
-            client.set_terminated(run.run_id, status="KILLED")
-            raise
         except BaseException as error:
-            _log_traceback(client, run.run_id, error)
-            client.set_terminated(run.run_id, status="FAILED")
+            reason = outside_the_model(error)
+            if reason is None:
+                _log_traceback(client, run.run_id, error)
+            _end(client, run.run_id, "KILLED" if reason else "FAILED", reason)
             raise
         else:
-            client.set_terminated(run.run_id, status="FINISHED")
+            with refusals(self.uri):
+                client.set_terminated(run.run_id, status="FINISHED")
 
     def find_resumable(self, config_sha256: str) -> tuple[str, str] | None:
         """The newest run of this config that was killed (or whose process died), if any."""
         from pipeline.provenance import is_alive
 
         client = self._client()
-        found = client.get_experiment_by_name(self.experiment)
-        if found is None:
-            return None
-        runs = client.search_runs(
-            [found.experiment_id],
-            filter_string=f"tags.config_sha256 = '{config_sha256}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=20,
-        )
+        with refusals(self.uri):
+            found = client.get_experiment_by_name(self.experiment)
+            if found is None:
+                return None
+            runs = client.search_runs(
+                [found.experiment_id],
+                filter_string=f"tags.config_sha256 = '{config_sha256}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=20,
+            )
         for candidate in runs:
             status, tags = candidate.info.status, candidate.data.tags
             if status == "KILLED" or (status == "RUNNING" and not is_alive(tags)):
@@ -232,6 +248,19 @@ class MlflowTracker:
         return report.close_sweep(self._client(), run_id, self.experiment, objective, jobs)
 
 
+def _end(client, run_id: str, status: str, reason: str | None) -> None:
+    """Ends a run that raised. A store that refuses this too is only logged: the error that
+    ended the run is the one to report, and a RUNNING run whose process is gone is resumed
+    by `resume=auto` all the same."""
+    try:
+        if reason:
+            client.set_tag(run_id, KILLED_REASON, reason[:5000])
+        client.set_terminated(run_id, status=status)
+    except Exception as error:
+        log.warning("MLflow run %s could not be marked %s in the store (%s)", run_id, status,
+                    str(error).splitlines()[0][:300] if str(error) else type(error).__name__)
+
+
 def _log_traceback(client, run_id: str, error: BaseException) -> None:
     import tempfile
 
@@ -242,9 +271,12 @@ def _log_traceback(client, run_id: str, error: BaseException) -> None:
             handle.write(text)
         try:
             client.log_artifact(run_id, path)
-        except Exception:  # the status below matters more than the artifact
+        except Exception:  # the status set after this matters more than the artifact
             pass
-    client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+    try:
+        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+    except Exception:  # and more than the tag
+        pass
 
 
 class _SilentRun(TrackedRun):
