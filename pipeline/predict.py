@@ -250,6 +250,9 @@ def main(argv: Sequence[str] | None = None, output: Callable[[str], None] = prin
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; nothing was written to {args.output}", file=sys.stderr, flush=True)
+        return 2
     write_csv(predictions, args.output)
     output(format_table(predictions))
     output(f"\nWrote {len(predictions)} rows to {args.output}")

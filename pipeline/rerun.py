@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("error: interrupted; the new run is KILLED, and `python -m pipeline resume=<its run dir>` "
+              "continues it", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
