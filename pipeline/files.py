@@ -75,7 +75,7 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            owner = handle.read().strip() or "another process"
+            owner = _describe_owner(handle.read())
             raise ConfigError(
                 f"the run directory {run_dir} is in use by {owner}: one run, one directory. Wait "
                 "for it to finish, or start this run elsewhere (output_dir=..., or a new Hydra "
@@ -104,3 +104,12 @@ def in_use(run_dir: Path) -> bool:
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)
     return False
+
+
+def _describe_owner(text: str) -> str:
+    """`process 123 on host vm (since ...)` from a lock file's record, or what it holds."""
+    try:
+        record = json.loads(text)
+        return f"process {record['pid']} on host {record['host']} (since {record['since']})"
+    except (ValueError, KeyError, TypeError):
+        return text.strip() or "another process"

@@ -70,7 +70,7 @@ def test_one_run_one_directory(tmp_path):
         assert in_use(run_dir)
         owner = json.loads((run_dir / LOCK_FILE).read_text())
         assert owner["pid"] == os.getpid()
-        with pytest.raises(ConfigError, match=r"is in use by .*\"pid\": \d+.*one run, one directory"):
+        with pytest.raises(ConfigError, match=r"is in use by process \d+ on host .+ \(since .+\): one run, one directory"):
             with run_dir_lock(run_dir):  # a second open file: what a second process gets
                 pass
     assert not in_use(run_dir)
