@@ -31,8 +31,9 @@ example: python -m pipeline.inspect source=saved_model source.path=/models/x sou
 """
 
 
-def describe_source(source: SourceModel) -> str:
-    """Plain text about a loaded source: shapes, preprocessing, counts, SavedModel signatures."""
+def describe_source(source: SourceModel, cut_points: bool = False) -> str:
+    """Plain text about a loaded source: shapes, preprocessing, counts, SavedModel signatures,
+    and with `cut_points` the layers `source.layer` can name."""
     from pipeline.sources.backbone import walk_layers
     from pipeline.sources.saved_model_layer import SavedModelLayer
     from pipeline.sources.signatures import describe_call, describe_signatures, format_signatures
@@ -62,6 +63,8 @@ def describe_source(source: SourceModel) -> str:
                 format_signatures(describe_signatures(layer.loaded), indent="    "),
                 f"  {describe_call(layer.loaded)}",
             ]
+    if cut_points and (described := _describe_cut_points(backbone)):
+        lines.append(described)
     lines.append(_describe_units(backbone))
     return "\n".join(lines)
 
@@ -80,6 +83,25 @@ def _describe_units(backbone) -> str:
     return "\n".join([f"freeze units:      {len(units)} (for freeze=top_n/regex/gradual; top first)", *shown])
 
 
+def _describe_cut_points(backbone) -> str:
+    """The layers `source.layer` can name, top first, with their output shapes."""
+    from pipeline.sources.cut import block_ends, cut_points, keras_extractor
+
+    model = keras_extractor(backbone)
+    points = cut_points(model) if model is not None else []
+    if not points:
+        return ""
+    width = max(len(name) for name, _ in points)
+    shown = [f"    {name:<{width}}  {shape}" for name, shape in reversed(points)]
+    if len(shown) > 40:  # of the middle, only the layers where blocks end: the usual cuts
+        ends = block_ends(model)
+        middle = [name for name, _ in reversed(points[10:-30]) if name in ends]
+        among = f"; among them, feeding several layers: {', '.join(middle)}" if middle else ""
+        shown = [*shown[:30], f"    ...   ({len(points) - 40} more{among})", *shown[-10:]]
+    header = f"cut points:        {len(points)} (for source.layer; top first, with output shapes)"
+    return "\n".join([header, *shown])
+
+
 def inspect_source(overrides: Sequence[str]) -> str:
     """Compose and check the config for `overrides`, load its source, and describe it."""
     from pipeline import config
@@ -87,7 +109,8 @@ def inspect_source(overrides: Sequence[str]) -> str:
     cfg = compose_config(overrides)
     config.validate(cfg)  # before TensorFlow is imported
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    return describe_source(config.build(cfg, "source").load())
+    loaded = config.build(cfg, "source").load()
+    return describe_source(loaded, cut_points="layer" in cfg.source)
 
 
 def compose_config(overrides: Sequence[str]) -> Any:

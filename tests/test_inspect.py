@@ -134,3 +134,65 @@ def test_config_errors_are_reported_before_loading(capsys):
 def test_help_lists_usage(capsys):
     main(["--help"])
     assert capsys.readouterr().out.startswith("usage: python -m pipeline.inspect")
+
+
+VGG = ["source=keras_app", "source.name=VGG16", "source.weights=null", "source.input_shape=[32,32,3]"]
+
+
+def _cut_points(out: str) -> list[str]:
+    return out[out.index("cut points:"):out.index("freeze units:")].splitlines()
+
+
+def test_keras_sources_list_the_layers_to_cut_at_with_their_output_shapes():
+    import keras
+
+    app = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    expected = [(layer.name, tuple(layer.output.shape[1:])) for layer in app.layers[1:]]  # not the input
+    lines = _cut_points(inspect_source(VGG))
+    assert lines[0] == f"cut points:        {len(expected)} (for source.layer; top first, with output shapes)"
+    listed = [(line.split()[0], line.split(maxsplit=1)[1].strip()) for line in lines[1:]]
+    assert listed == [(name, str(shape)) for name, shape in reversed(expected)]  # no `pooling` layer
+
+    out = inspect_source([*VGG, "source.layer=block3_pool", "source.pooling=flatten"])
+    assert "feature shape:     (4096,)" in out  # 4 x 4 x 256
+    assert [line.split()[0] for line in _cut_points(out)[1:3]] == ["block3_pool", "block3_conv3"]
+    assert "block4_conv1" not in out
+
+
+def test_an_unknown_layer_names_the_command_that_lists_them_all(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main([*VGG, "source.layer=block4pool"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: source.layer='block4pool' is not a layer of") and "\n" not in err
+    assert "closest: block4_pool" in err
+    command = err.rsplit(": ", 1)[1].split()
+    assert command[:3] == ["python", "-m", "pipeline.inspect"]
+    assert "\n    block4_pool  " in inspect_source(command[3:])
+
+
+def test_a_long_list_of_cut_points_keeps_its_ends_and_where_blocks_end():
+    import keras
+
+    from pipeline.sources.backbone import build_backbone
+    from pipeline.sources.cut import cut
+
+    inputs = keras.Input((4,))
+    x = inputs
+    for i in range(48):
+        y = keras.layers.Dense(4, name=f"dense_{i}")(x)
+        x = keras.layers.Add(name=f"add_{i}")([x, y]) if i == 15 else y  # dense_14 feeds two layers
+    model = cut(keras.Model(inputs, x), None, None, "net", "net", "")
+    out = describe_source(build_backbone(model, (4,), "none", "keras:test"), cut_points=True)
+    lines = _cut_points(out)
+    assert lines[0].startswith("cut points:        49 ")  # 48 Dense, 1 Add
+    assert [line.split()[0] for line in lines[1:3]] == ["dense_47", "dense_46"]
+    assert lines[31] == "    ...   (9 more; among them, feeding several layers: dense_14)"
+    assert lines[-1].split()[0] == "dense_0" and len(lines) == 1 + 30 + 1 + 10
+
+
+def test_a_saved_model_source_with_a_layer_fails_saying_why(keras_export, capsys):
+    with pytest.raises(SystemExit):
+        main(["source=saved_model", f"source.path={keras_export[0]}", "source.layer=conv"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: source.layer='conv': a SavedModel cannot be cut at a layer") and "\n" not in err

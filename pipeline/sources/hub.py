@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pipeline.errors import SourceError
+from pipeline.sources.cut import refuse_saved_model_cut
 from pipeline.sources.network import check_reachable
 from pipeline.sources.signatures import check_saved_model_dir, check_signature, load_saved_model
 from pipeline.types import Preprocess, SourceModel
@@ -32,6 +33,8 @@ class HubSource:
             always run in inference mode).
         output_key: which output to take when the model returns a dict.
         fetch_timeout: seconds to wait for the hub before failing with offline advice.
+        layer: refused unless `None`: a SavedModel stores traced functions, not a layer
+            graph one could cut (`pipeline.sources.cut.refuse_saved_model_cut`).
 
     Example:
         >>> HubSource(handle="/models/mobilenet_v2", input_shape=[224, 224, 3]).load()
@@ -46,6 +49,7 @@ class HubSource:
         signature: str | None = None,
         output_key: str | None = None,
         fetch_timeout: float = 10.0,
+        layer: str | None = None,
     ):
         self.handle = handle
         self.input_shape = tuple(input_shape)
@@ -54,6 +58,7 @@ class HubSource:
         self.signature = signature
         self.output_key = output_key
         self.fetch_timeout = fetch_timeout
+        refuse_saved_model_cut(layer)  # before anything is loaded
 
     def load(self) -> SourceModel:
         path = resolve_handle(self.handle, self.fetch_timeout)

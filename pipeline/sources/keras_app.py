@@ -8,10 +8,11 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.errors import SourceError
+from pipeline.sources.cut import Pooling, cut
 from pipeline.sources.network import check_reachable
 from pipeline.types import Preprocess, SourceModel
 
@@ -36,8 +37,13 @@ class KerasAppSource:
             random initialization, or the path of a weights file saved from the same
             application built with `include_top=False`.
         input_shape: `[height, width, channels]` the model takes.
-        pooling: `avg` or `max` to pool the last feature map into a vector, `None` to keep
-            the map.
+        layer: the name of a layer to cut the model at (`block4_pool` of VGG16, `mixed7` of
+            InceptionV3): its output becomes the features and the layers after it are
+            dropped. `None` takes the last feature map. `python -m pipeline.inspect` lists
+            the names with their output shapes.
+        pooling: applied to the output of the cut: `avg` or `max` pool a feature map into a
+            vector, `flatten` makes one vector of it, `None` keeps it. A vector output is
+            left as it is.
         preprocess: `None` to use the application's own preprocessing; a mode (`caffe`,
             `tf`, `torch`, `unit`, `none`) overrides it.
         trainable: whether fine-tuning may change the model's weights. When false the
@@ -48,6 +54,7 @@ class KerasAppSource:
 
     Example:
         >>> KerasAppSource(name="ResNet50", input_shape=[224, 224, 3]).load()
+        >>> KerasAppSource(name="VGG16", layer="block4_pool", pooling="avg").load()
     """
 
     def __init__(
@@ -55,7 +62,8 @@ class KerasAppSource:
         name: str,
         weights: str | None = "imagenet",
         input_shape: list[int] = (224, 224, 3),
-        pooling: Literal["avg", "max"] | None = "avg",
+        layer: str | None = None,
+        pooling: Pooling | None = "avg",
         preprocess: Preprocess | None = None,
         trainable: bool = True,
         fetch_timeout: float = 10.0,
@@ -63,6 +71,7 @@ class KerasAppSource:
         self.name = name
         self.weights = weights
         self.input_shape = tuple(input_shape)
+        self.layer = layer
         self.pooling = pooling
         self.preprocess = preprocess
         self.trainable = trainable
@@ -72,14 +81,27 @@ class KerasAppSource:
         self._check_weights_path()
         app = application(self.name, "source.name")
         preprocess = self.preprocess or preprocess_mode(app, f"source.name={self.name!r}")
-        model = self._build(app)
+        model = cut(
+            self._build(app), self.layer, self.pooling, "keras_app",
+            f"keras.applications.{self.name}(include_top=False)", self._inspect_command(),
+        )
         from pipeline.sources.backbone import build_backbone, pin
 
         return build_backbone(
             pin(model, "keras_app") if not self.trainable else model,
             self.input_shape,
             preprocess,
-            f"keras_app:{self.name}(weights={self.weights})",
+            f"keras_app:{self.name}(weights={self.weights})"
+            + (f"@{self.layer}" if self.layer else "")
+            + (f" pooling={self.pooling}" if self.pooling else ""),
+        )
+
+    def _inspect_command(self) -> str:
+        # Random weights: the names and shapes are the same, and nothing is downloaded.
+        shape = ",".join(str(d) for d in self.input_shape)
+        return (
+            f"python -m pipeline.inspect source=keras_app source.name={self.name} "
+            f"source.weights=null source.input_shape=[{shape}] source.layer=null"
         )
 
     def _check_weights_path(self) -> None:
@@ -99,8 +121,7 @@ class KerasAppSource:
             include_top=False,
             weights=weights,
             input_shape=self.input_shape,
-            pooling=self.pooling,
-            name="keras_app",
+            pooling=None,  # source.pooling applies to the output of the cut
         )
         what = f"source.weights={self.weights!r} (for source.name={self.name!r})"
         try:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import SourceError
+from pipeline.sources.cut import Pooling, cut
 from pipeline.types import Preprocess, SourceModel
 
 _SUFFIXES = "a .keras file, a full-model .h5 (model.save('x.h5')), or weights (.weights.h5 / .h5)"
@@ -25,7 +25,11 @@ class KerasFileSource:
             (`caffe`, `tf`, `torch`, `unit`, `none`); `none` suits models that rescale
             inside themselves.
         layer: the name of a layer whose output becomes the features (the model is cut
-            there, e.g. before a classifier); `None` takes the model's output.
+            there, e.g. before a classifier, and the layers after it are dropped); `None`
+            takes the model's output. `python -m pipeline.inspect` lists the names.
+        pooling: applied to the output of the cut: `avg` or `max` pool a feature map into a
+            vector, `flatten` makes one vector of it, `None` keeps it. A vector output is
+            left as it is.
         architecture: for weights-only files, the `keras.applications` model they were
             saved from, built with `include_top=False`, `pooling='avg'`, `weights=None`.
         allow_unsafe: load with Keras safe mode off, which runs Python code stored in the
@@ -37,6 +41,7 @@ class KerasFileSource:
 
     Example:
         >>> KerasFileSource(path="/models/classifier.keras", layer="global_pool").load()
+        >>> KerasFileSource(path="/models/classifier.keras", layer="conv4", pooling="max").load()
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class KerasFileSource:
         input_shape: list[int] | None = None,
         preprocess: Preprocess = "none",
         layer: str | None = None,
+        pooling: Pooling | None = None,
         architecture: str | None = None,
         allow_unsafe: bool = False,
         trainable: bool = True,
@@ -53,6 +59,7 @@ class KerasFileSource:
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.preprocess = preprocess
         self.layer = layer
+        self.pooling = pooling
         self.architecture = architecture
         self.allow_unsafe = allow_unsafe
         self.trainable = trainable
@@ -79,7 +86,9 @@ class KerasFileSource:
             pin(extractor, "keras_file") if not self.trainable else extractor,
             input_shape,
             self.preprocess,
-            f"keras_file:{self.path}" + (f"@{self.layer}" if self.layer else ""),
+            f"keras_file:{self.path}"
+            + (f"@{self.layer}" if self.layer else "")
+            + (f" pooling={self.pooling}" if self.pooling else ""),
         )
 
     def _file_kind(self, path: Path) -> Literal["model", "weights"]:
@@ -170,8 +179,6 @@ class KerasFileSource:
         return model
 
     def _cut(self, model: Any) -> Any:
-        import keras
-
         try:
             inputs = model.inputs
         except (AttributeError, ValueError) as error:
@@ -184,30 +191,20 @@ class KerasFileSource:
                 f"source.path={self.path!r} has {len(inputs)} inputs; an image source takes one "
                 "image tensor. Save a model with a single image input."
             )
-        if self.layer is None:
-            if len(model.outputs) != 1:
-                raise SourceError(
-                    f"source.path={self.path!r} has {len(model.outputs)} outputs; set "
-                    "source.layer to the layer whose output is the features."
-                )
-            # A new graph over the same layers: one tensor in and out, as the backbone calls it.
-            return keras.Model(inputs[0], model.outputs[0], name="keras_file")
-        names = [layer.name for layer in model.layers]
-        if self.layer not in names:
-            close = difflib.get_close_matches(self.layer, names, n=5, cutoff=0.5)
-            hint = f" Closest: {', '.join(close)}." if close else ""
+        if self.layer is None and len(model.outputs) != 1:
             raise SourceError(
-                f"source.layer={self.layer!r} is not a layer of {self.path}.{hint} "
-                f"Its layers: {', '.join(names)}."
+                f"source.path={self.path!r} has {len(model.outputs)} outputs; set "
+                "source.layer to the layer whose output is the features."
             )
-        try:
-            output = model.get_layer(self.layer).output
-        except (AttributeError, ValueError) as error:
-            raise SourceError(
-                f"source.layer={self.layer!r} has no single output to cut at ({error}); "
-                "choose a layer that is called once."
-            ) from error
-        return keras.Model(inputs[0], output, name="keras_file")
+        # A new graph over the same layers: one tensor in and out, as the backbone calls it.
+        return cut(model, self.layer, self.pooling, "keras_file", self.path, self._inspect_command())
+
+    def _inspect_command(self) -> str:
+        command = f"python -m pipeline.inspect source=keras_file source.path={self.path}"
+        if self.architecture is not None:
+            shape = ",".join(str(d) for d in self.input_shape or ())
+            command += f" source.architecture={self.architecture} source.input_shape=[{shape}]"
+        return command + " source.layer=null"
 
     def _input_shape(self, extractor: Any) -> tuple[int, ...]:
         model_shape = tuple(extractor.inputs[0].shape[1:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.errors import SourceError
+from pipeline.sources.cut import refuse_saved_model_cut
 from pipeline.sources.signatures import (
     SignatureDescription,
     check_signature,
@@ -39,6 +40,8 @@ class SavedModelSource:
             one and is an error when there are several.
         trainable: whether fine-tuning may change the SavedModel's weights; `False` pins
             every variable bit for bit.
+        layer: refused unless `None`: a SavedModel stores traced functions, not a layer
+            graph one could cut (`pipeline.sources.cut.refuse_saved_model_cut`).
 
     Example:
         >>> source = SavedModelSource(path="/models/exported", input_shape=[224, 224, 3],
@@ -54,6 +57,7 @@ class SavedModelSource:
         signature: str = "serving_default",
         output_key: str | None = None,
         trainable: bool = True,
+        layer: str | None = None,
     ):
         self.path = path
         self.input_shape = tuple(input_shape)
@@ -61,6 +65,7 @@ class SavedModelSource:
         self.signature = signature
         self.output_key = output_key
         self.trainable = trainable
+        refuse_saved_model_cut(layer)  # before anything is loaded
 
     def load(self) -> SourceModel:
         loaded = load_saved_model(self.path, key="source.path")

@@ -20,7 +20,7 @@ from pipeline.heads import LinearHead
 from pipeline.types import DataBundle
 
 CLASSES = ("ant", "bee", "cow")
-SOURCES = ("hub", "keras_app", "keras_file", "saved_model", "run")
+SOURCES = ("hub", "keras_app", "keras_app_cut", "keras_file", "saved_model", "run")
 
 
 def _images(shape, n: int, seed: int) -> np.ndarray:
@@ -91,6 +91,11 @@ def sources(hub_model_dir, tmp_path_factory):
         # VGG16: few layers, so fast to trace, and caffe preprocessing (BGR, mean) that shows
         # if lost; random BatchNorm nets such as MobileNetV2 predict the same for every image.
         "keras_app": lambda: KerasAppSource(name="VGG16", weights=None, input_shape=[32, 32, 3]).load(),
+        # Cut early (the layers after block2_pool are gone from what trains and is exported);
+        # 0-1 pixels keep its large early activations from saturating the new head.
+        "keras_app_cut": lambda: KerasAppSource(
+            name="VGG16", weights=None, input_shape=[32, 32, 3], layer="block2_pool", pooling="avg", preprocess="unit"
+        ).load(),
         "keras_file": lambda: KerasFileSource(path=str(root / "model.keras"), preprocess="unit").load(),
         "saved_model": lambda: SavedModelSource(
             path=str(root / "exported"), input_shape=[8, 8, 3], preprocess="unit", output_key="output_0"

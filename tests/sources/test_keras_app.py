@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from pipeline.errors import SourceError
+from pipeline.errors import ConfigError, SourceError
 from pipeline.sources.keras_app import KerasAppSource, preprocess_mode
 
 SHAPE = [32, 32, 3]
@@ -79,6 +79,105 @@ def test_preprocessing_that_matches_no_mode_fails_clearly(monkeypatch):
 def test_pooling_null_keeps_the_feature_map():
     source = KerasAppSource(name="MobileNetV2", weights=None, input_shape=SHAPE, pooling=None).load()
     assert source.feature_shape == (1, 1, 1280)
+
+
+# source.pooling, recomputed in numpy on the layer's output (batch, height, width, channels).
+POOLED = {
+    "avg": lambda maps: maps.mean(axis=(1, 2)),
+    "max": lambda maps: maps.max(axis=(1, 2)),
+    "flatten": lambda maps: maps.reshape(len(maps), -1),
+    None: lambda maps: maps,
+}
+
+
+@pytest.fixture(scope="module")
+def saved_apps(tmp_path_factory):
+    """`name -> (weights file, application)`: random applications without their top, saved."""
+    import keras
+
+    saved = {}
+    for seed, name in enumerate(["VGG16", "MobileNetV2"]):
+        keras.utils.set_random_seed(seed)
+        app = getattr(keras.applications, name)(include_top=False, weights=None, input_shape=SHAPE)
+        path = tmp_path_factory.mktemp(name) / f"{name}.weights.h5"
+        app.save_weights(path)
+        saved[name] = (path, app)
+    return saved
+
+
+@pytest.mark.parametrize(
+    "name,layer,pooling",
+    [
+        ("VGG16", "block4_pool", "avg"),
+        ("VGG16", "block4_pool", "max"),
+        ("VGG16", "block3_conv2", "flatten"),
+        ("VGG16", "block4_pool", None),
+        ("MobileNetV2", "block_5_add", "avg"),  # inside the residual blocks, BatchNorm included
+    ],
+)
+def test_a_cut_gives_the_named_layers_output_pooled(saved_apps, images, name, layer, pooling):
+    import keras
+
+    from pipeline.sources.backbone import walk_layers
+
+    path, app = saved_apps[name]
+    source = KerasAppSource(name=name, weights=str(path), input_shape=SHAPE, layer=layer, pooling=pooling).load()
+    oracle = keras.Model(app.input, app.get_layer(layer).output)
+    module = sys.modules[getattr(keras.applications, name).__module__]
+    expected = POOLED[pooling](oracle(module.preprocess_input(images.copy())).numpy())
+    assert source.feature_shape == expected.shape[1:]
+    features = source.backbone(images).numpy()
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    # The layers after the cut are gone from the backbone, not merely unused.
+    assert len(source.backbone.weights) == len(oracle.weights)
+    names = {each.name for each in walk_layers(source.backbone)}
+    assert layer in names and not names & {each.name for each in app.layers[app.layers.index(app.get_layer(layer)) + 1:]}
+    assert f"@{layer}" in source.description
+
+
+def test_freeze_units_and_the_feature_cache_key_follow_the_cut(saved_apps):
+    from pipeline.features import backbone_fingerprint
+    from pipeline.freeze import TopN, backbone_units
+
+    path, app = saved_apps["VGG16"]
+
+    def load(layer="block4_pool", pooling="avg"):
+        return KerasAppSource(name="VGG16", weights=str(path), input_shape=SHAPE, layer=layer, pooling=pooling).load()
+
+    cut = load()
+    units = [unit.name for unit in backbone_units(cut.backbone)]
+    assert units == [f"block{b}_conv{c}" for b, convs in [(1, 2), (2, 2), (3, 3), (4, 3)] for c in range(1, convs + 1)]
+    TopN(n=3).apply(cut.backbone)
+    trainable = {v.path.split("/")[-2] for v in cut.backbone.trainable_weights}
+    assert trainable == {"block4_conv1", "block4_conv2", "block4_conv3"}  # the top of the cut
+
+    key = backbone_fingerprint(load().backbone)
+    assert backbone_fingerprint(load().backbone) == key  # the same cut: the cache is hit
+    for other in [load(pooling="max"), load(pooling=None), load(layer="block4_conv3"), load(layer=None)]:
+        assert backbone_fingerprint(other.backbone) != key, other.description
+
+
+def test_an_unknown_layer_is_a_one_line_config_error_with_suggestions():
+    with pytest.raises(ConfigError) as caught:
+        KerasAppSource(name="VGG16", weights=None, input_shape=SHAPE, layer="block4pool").load()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("source.layer='block4pool' is not a layer of keras.applications.VGG16")
+    assert "closest: block4_pool, " in message
+    assert message.endswith(
+        "python -m pipeline.inspect source=keras_app source.name=VGG16 source.weights=null "
+        "source.input_shape=[32,32,3] source.layer=null"
+    )
+
+
+def test_without_a_layer_pooling_applies_to_the_last_feature_map(saved_apps, images):
+    import keras
+
+    path, app = saved_apps["VGG16"]
+    expected = app(keras.applications.vgg16.preprocess_input(images.copy())).numpy()
+    for pooling in POOLED:
+        source = KerasAppSource(name="VGG16", weights=str(path), input_shape=SHAPE, pooling=pooling).load()
+        np.testing.assert_allclose(source.backbone(images).numpy(), POOLED[pooling](expected), rtol=1e-4, atol=1e-3)
 
 
 def test_trainable_fit_changes_weights_and_frozen_stays_bit_identical(images):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.errors import SourceError
+from pipeline.errors import ConfigError, SourceError
 from pipeline.sources.keras_file import KerasFileSource
 
 
@@ -155,13 +155,42 @@ def test_unreadable_file_names_source_path(tmp_path):
         KerasFileSource(path=str(tmp_path / "broken.h5")).load()
 
 
-def test_unknown_layer_lists_the_layer_names(tmp_path):
-    _classifier().save(tmp_path / "model.keras")
-    with pytest.raises(SourceError) as caught:
-        KerasFileSource(path=str(tmp_path / "model.keras"), layer="poool").load()
+def test_unknown_layer_is_a_one_line_config_error_naming_the_closest(tmp_path):
+    path = tmp_path / "model.keras"
+    _classifier().save(path)
+    with pytest.raises(ConfigError) as caught:
+        KerasFileSource(path=str(path), layer="poool").load()
     message = str(caught.value)
-    assert "source.layer='poool'" in message and "Closest: pool" in message
-    assert "conv, bn, relu, pool, classifier" in message
+    assert "\n" not in message
+    assert message.startswith(f"source.layer='poool' is not a layer of {path} (closest: pool")
+    assert message.endswith(f"python -m pipeline.inspect source=keras_file source.path={path} source.layer=null")
+
+
+@pytest.mark.parametrize(
+    "pooling,pooled",
+    [
+        ("avg", lambda maps: maps.mean(axis=(1, 2))),
+        ("max", lambda maps: maps.max(axis=(1, 2))),
+        ("flatten", lambda maps: maps.reshape(len(maps), -1)),
+        (None, lambda maps: maps),
+    ],
+)
+def test_pooling_applies_to_the_feature_map_a_cut_gives(tmp_path, images, pooling, pooled):
+    model = _classifier()
+    model.save(tmp_path / "model.keras")
+    source = KerasFileSource(path=str(tmp_path / "model.keras"), layer="relu", pooling=pooling).load()
+    expected = pooled(_cut(model, "relu")(images).numpy())
+    assert source.feature_shape == expected.shape[1:]
+    np.testing.assert_allclose(source.backbone(images).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pooling_leaves_a_vector_output_as_it_is(tmp_path, images):
+    model = _classifier()
+    model.save(tmp_path / "model.keras")
+    for pooling in ["avg", "max", "flatten"]:
+        source = KerasFileSource(path=str(tmp_path / "model.keras"), pooling=pooling).load()
+        assert source.feature_shape == (5,)
+        np.testing.assert_allclose(source.backbone(images).numpy(), model(images).numpy(), atol=1e-6)
 
 
 def test_input_shape_must_fit_the_models(tmp_path):
