@@ -66,7 +66,6 @@ class Evaluator:
         a split found there is scored by the head alone on them, the same numbers as the
         full model without running the backbone again.
         """
-        import numpy as np
 
         from pipeline import plots
 

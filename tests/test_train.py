@@ -47,7 +47,6 @@ def _trainer(**overrides):
 
 
 def _one_step_backbone_change(multiplier, optimizer):
-    import keras
 
     adapted, _, _ = None, None, None
     from pipeline.adapt import adapt

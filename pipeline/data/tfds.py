@@ -108,7 +108,7 @@ class TfdsData:
         where = f"data.data_dir={self.data_dir!r}"
         try:
             builder = tfds.builder(self.name, data_dir=self.data_dir)
-        except tfds.core.registered.DatasetNotFoundError as error:
+        except tfds.core.registered.DatasetNotFoundError:
             base, _, version = self.name.partition(":")
             versions = _prepared_versions(self.data_dir, base)
             if version and versions:

@@ -8,7 +8,6 @@ probabilities for raw images must be the in-memory model's.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
