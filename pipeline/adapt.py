@@ -34,17 +34,7 @@ def adapt(
     """
     import keras
 
-    if tuple(input_shape) != tuple(source.input_shape):
-        data_fix = (
-            f"set data.image_size=[{','.join(map(str, source.input_shape[:2]))}] and "
-            f"data.channels={source.input_shape[-1]} to match the source, or "
-            if resizable else ""
-        )
-        raise DataError(
-            f"the data's images have shape {tuple(input_shape)} but the source "
-            f"({source.description}) takes {tuple(source.input_shape)}: {data_fix}set "
-            f"source.input_shape=[{','.join(map(str, input_shape))}] to match the data."
-        )
+    check_input_shape(source, input_shape, resizable)
     frozen = freeze.apply(source.backbone)
     head_model = head.build(source.feature_shape, len(class_names), task)
     images = keras.Input(shape=source.input_shape, name="images")
@@ -57,4 +47,20 @@ def adapt(
         class_names=tuple(class_names),
         freeze=frozen,
         fit_head=getattr(head, "fit", None),
+    )
+
+
+def check_input_shape(source: SourceModel, input_shape: tuple[int, ...], resizable: bool = True) -> None:
+    """Raises DataError, naming the keys that fix it, unless the data's images fit the source."""
+    if tuple(input_shape) == tuple(source.input_shape):
+        return
+    data_fix = (
+        f"set data.image_size=[{','.join(map(str, source.input_shape[:2]))}] and "
+        f"data.channels={source.input_shape[-1]} to match the source, or "
+        if resizable else ""
+    )
+    raise DataError(
+        f"the data's images have shape {tuple(input_shape)} but the source "
+        f"({source.description}) takes {tuple(source.input_shape)}: {data_fix}set "
+        f"source.input_shape=[{','.join(map(str, input_shape))}] to match the data."
     )

@@ -10,6 +10,12 @@ recomputes. Entries are written beside their final name and renamed into place, 
 concurrent job never reads half an entry. When the backbone never trained, the evaluate
 stage scores the head on the cached validation and test outputs too (the same numbers as the
 full model: the backbone is the one that made them); the export is always the full model.
+
+Each entry records whether its rows follow the data's element order (`ordered`: every split
+kept its order, as with `data.deterministic=true`), and is one shard, read back in the order
+written. Training takes any entry; `pipeline.extract` only an ordered one, since it pairs row
+`i` with the split's `example_ids[i]`. When the entry under a key is not ordered (or predates
+the flag), an ordered one is written beside it as `<key>-ordered`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,18 +74,49 @@ class FeatureCache:
         text = f"{FORMAT}:{backbone_fingerprint(backbone)}:{data_fingerprint}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def load_or_compute(self, backbone: Any, data: Any, batch_size: int = 64) -> tuple[dict[str, Any], bool]:
-        """The cached `(features, label)` datasets of each split, and whether they were cached."""
+    def load_or_compute(
+        self,
+        backbone: Any,
+        data: Any,
+        batch_size: int = 64,
+        ordered: bool = False,
+        on_batch: Callable[[str, int], None] | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """The cached `(features, label)` datasets of each split, and whether they were cached.
+
+        Args:
+            ordered: only an entry whose rows follow the data's element order will do (the
+                data must keep its order itself, else ValueError).
+            on_batch: called as `on_batch(split, examples)` after each batch the backbone
+                computes, for progress reports.
+        """
         import tensorflow as tf
 
-        entry = self.root / self.key(backbone, data.fingerprint)
-        hit = (entry / "meta.json").exists()
+        if ordered and not in_order(data):
+            raise ValueError("FeatureCache(ordered=True) needs data that keeps its order (data.deterministic=true)")
+        key = self.key(backbone, data.fingerprint)
+        entries = [self.root / key, self.root / f"{key}-ordered"]
+        found = next((entry for entry in entries if _usable(entry, ordered)), None)
+        hit = found is not None
         if not hit:
-            self._compute(backbone, data, entry, batch_size)
-        log.info("feature cache %s: %s", "hit" if hit else "computed", entry)
-        return {split: tf.data.Dataset.load(str(entry / split)) for split in SPLITS}, hit
+            found = self._compute_first_free(backbone, data, entries, ordered, batch_size, on_batch)
+        log.info("feature cache %s: %s", "hit" if hit else "computed", found)
+        return {split: tf.data.Dataset.load(str(found / split)) for split in SPLITS}, hit
 
-    def _compute(self, backbone: Any, data: Any, entry: Path, batch_size: int) -> None:
+    def _compute_first_free(self, backbone, data, entries: list[Path], ordered: bool, batch_size: int,
+                            on_batch) -> Path:
+        """Computes into the first entry name not taken; returns the usable entry written."""
+        for entry in entries:
+            if not (entry / "meta.json").exists():
+                self._compute(backbone, data, entry, batch_size, on_batch)
+                if _usable(entry, ordered):  # else another job wrote an unordered one there first
+                    return entry
+        raise RuntimeError(f"feature cache: no usable entry among {[e.name for e in entries]} in {self.root}")
+
+    def _compute(
+        self, backbone: Any, data: Any, entry: Path, batch_size: int,
+        on_batch: Callable[[str, int], None] | None = None,
+    ) -> None:
         import tensorflow as tf
 
         self.root.mkdir(parents=True, exist_ok=True)
@@ -89,14 +127,54 @@ class FeatureCache:
             counts = {}
             for split in SPLITS:
                 dataset = getattr(data, split).batch(batch_size)
-                features = dataset.map(lambda x, y: (extract(x), y)).unbatch()
-                features.save(str(partial / split))
+                features = dataset.map(lambda x, y: (extract(x), y))
+                if on_batch is not None:
+                    features = features.map(_reporting(on_batch, split))
+                # One shard: read back in the order written (pipeline.extract pairs rows with ids by position).
+                features.unbatch().save(str(partial / split), shard_func=_one_shard)
                 counts[split] = int(data.num_examples.get(split, 0))
                 self.computed_examples += counts[split]
-            (partial / "meta.json").write_text(json.dumps({"examples": counts}))
+            (partial / "meta.json").write_text(json.dumps({"examples": counts, "ordered": in_order(data)}))
             try:
                 os.replace(partial, entry)
             except OSError:  # another job finished the same entry first: keep theirs
                 log.info("feature cache: %s was written by another job meanwhile", entry.name)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+
+
+def in_order(data: Any) -> bool:
+    """Whether every split of `data` yields its elements in a fixed order (tf.data's default;
+    `data.deterministic=false` lets parallel decoding reorder them)."""
+    return all(getattr(data, split).options().deterministic is not False for split in SPLITS)
+
+
+def _one_shard(*element: Any) -> Any:
+    import tensorflow as tf
+
+    return tf.constant(0, tf.int64)
+
+
+def _usable(entry: Path, ordered: bool) -> bool:
+    """A finished entry; when `ordered`, one whose rows are known to follow the data's order."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not ordered or meta.get("ordered") is True
+
+
+def _reporting(on_batch: Callable[[str, int], None], split: str) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """A `map` function that passes a batch through after telling `on_batch` its size."""
+    import tensorflow as tf
+
+    def report(size):
+        on_batch(split, int(size))
+        return 0
+
+    def tap(features, labels):
+        done = tf.py_function(report, [tf.shape(features)[0]], tf.int32)
+        with tf.control_dependencies([done]):
+            return tf.identity(features), labels
+
+    return tap

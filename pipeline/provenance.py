@@ -21,8 +21,9 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tensorflow", "keras", "tensorflow-hub", "tf-keras", "mlflow", "hydra-core", "numpy")
-# Keys that name where or how verbosely a run happens, not what it computes.
-_NOT_IDENTITY = ("output_dir", "resume", "hydra")
+# Keys that name where or how verbosely a run happens, not what it computes (`extract` is
+# `pipeline.extract`'s group: a training run never reads it).
+_NOT_IDENTITY = ("output_dir", "resume", "hydra", "extract")
 _NOT_IDENTITY_NESTED = (("tracking", "run_name"), ("train", "verbose"))
 
 

@@ -6,7 +6,7 @@ objects are typed as `Any` so that importing this module stays cheap.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +40,10 @@ class DataBundle:
             `serving_bytes` refuses larger ones from their header, before decoding.
         resizable: whether the option has `data.image_size` and `data.channels` (the
             image options do; digits' 8x8 arrays do not), for advice that names real keys.
+        example_ids: split -> the id of each example, in the split dataset's element order
+            when the dataset keeps its order (`data.deterministic=true`): the file read
+            (`image_folder`, `csv`), `<file>:<record index>` (`tfrecord`), the index in
+            scikit-learn's data set (`digits`). A split without ids is numbered `0..n-1`.
     """
 
     train: Any
@@ -55,6 +59,7 @@ class DataBundle:
     resize: str = "resize"
     max_pixels: int = 100_000_000
     resizable: bool = True
+    example_ids: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

@@ -275,3 +275,34 @@ def test_an_unusable_cache_folder_costs_speed_not_the_run(learned, tmp_path, mon
     for mine, theirs in zip(uncached_adapted.model.weights, adapted.model.weights, strict=True):
         np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=0, atol=1e-5, err_msg=mine.path)
     assert not [p for p in tmp_path.rglob("*") if "partial" in p.name]
+
+
+def test_only_an_entry_in_the_datas_order_serves_an_ordered_read(tmp_path, hub_model_dir):
+    """Training takes any entry; `ordered=True` (pipeline.extract) only one whose rows follow
+    the data's order, and writes one beside an entry that may not (`<key>-ordered`)."""
+    import json
+    from dataclasses import replace
+
+    import tensorflow as tf
+
+    data = DigitsData(classes=[5, 6, 7]).load()
+    options = tf.data.Options()
+    options.deterministic = False  # what data.deterministic=false sets
+    unordered = replace(data, **{s: getattr(data, s).with_options(options) for s in ("train", "val", "test")})
+    backbone = _source(hub_model_dir).backbone
+    cache = FeatureCache(tmp_path)
+    key = cache.key(backbone, data.fingerprint)
+
+    assert cache.load_or_compute(backbone, unordered)[1] is False
+    assert json.loads((tmp_path / key / "meta.json").read_text())["ordered"] is False
+    assert cache.load_or_compute(backbone, data)[1] is True  # order does not matter to training
+    with pytest.raises(ValueError, match="data.deterministic=true"):
+        cache.load_or_compute(backbone, unordered, ordered=True)
+
+    splits, hit = cache.load_or_compute(backbone, data, ordered=True)
+    assert not hit and json.loads((tmp_path / f"{key}-ordered" / "meta.json").read_text())["ordered"] is True
+    images = np.stack([x.numpy() for x, _ in data.train])
+    np.testing.assert_allclose(np.stack([f.numpy() for f, _ in splits["train"]]),
+                               backbone(images, training=False).numpy(), atol=1e-5)
+    again = FeatureCache(tmp_path)
+    assert again.load_or_compute(backbone, data, ordered=True)[1] is True and again.computed_examples == 0

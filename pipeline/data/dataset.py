@@ -143,6 +143,7 @@ def make_bundle(
     augmentation: Any,
     skipped: Sequence[str],
     fingerprint: str,
+    example_ids: dict[str, Sequence[str]] | None = None,
 ) -> DataBundle:
     return DataBundle(
         train=splits["train"],
@@ -157,4 +158,5 @@ def make_bundle(
         fingerprint=settings.pixels_fingerprint(fingerprint),
         resize=settings.resize,
         max_pixels=settings.max_pixels,
+        example_ids=dict(example_ids or {}),
     )

@@ -54,6 +54,7 @@ class DigitsData:
         lookup = {digit: index for index, digit in enumerate(self.classes)}
         labels = np.array([lookup[d] for d in digits.target[keep]], dtype="int64")
         train, val, test = stratified_split(labels, self.val_split, self.test_split, self.seed)
+        positions = np.flatnonzero(keep)  # each kept image's index in load_digits()
 
         def dataset(indices):
             return tf.data.Dataset.from_tensor_slices((images[indices], labels[indices]))
@@ -68,6 +69,8 @@ class DigitsData:
             num_examples={"train": len(train), "val": len(val), "test": len(test)},
             fingerprint=_fingerprint(images, labels, (train, val, test)),
             resizable=False,  # 8x8x1 arrays: only source.input_shape can change to match
+            example_ids={split: [str(i) for i in positions[indices]]
+                         for split, indices in zip(("train", "val", "test"), (train, val, test))},
         )
 
 

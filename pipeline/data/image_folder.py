@@ -117,8 +117,9 @@ class ImageFolderData:
             for split, members in pairs.items()
         }
         skipped = [path for found in scans.values() for path, _ in found.skipped]
+        ids = {split: [str(path) for path, _ in members] for split, members in pairs.items()}
         return dataset.make_bundle(splits, counts, class_names, self.settings, self.task,
-                                   self.augmentation, skipped, fingerprint)
+                                   self.augmentation, skipped, fingerprint, ids)
 
     def _fixes(self, train: _FolderScan) -> dict[str, str]:
         name, files = min(train.classes.items(), key=lambda item: len(item[1]))

@@ -150,8 +150,9 @@ class CsvData:
             split: dataset.file_dataset(paths[indices], labels[indices], self.settings, split, key)
             for split, indices in parts.items()
         }
+        ids = {split: paths[indices].tolist() for split, indices in parts.items()}
         return dataset.make_bundle(splits, counts, class_names, self.settings, self.task,
-                                   self.augmentation, [p for p, _ in skipped], fingerprint)
+                                   self.augmentation, [p for p, _ in skipped], fingerprint, ids)
 
     def _read(self) -> tuple[list[_Row], Path]:
         manifest = Path(self.manifest).expanduser()

@@ -86,13 +86,14 @@ class TFRecordData:
         import tensorflow as tf
 
         # Record numbers run across the shards of train, then val, then test patterns.
-        files, roles, raw_labels, skipped, origin = [], [], [], [], []
+        files, roles, raw_labels, skipped, origin, names = [], [], [], [], [], []
         for split, pattern in self.patterns.items():
             if pattern is None:
                 continue
             shards = self._files(pattern, "data.file_pattern" if split == "train" else f"data.{split}_file_pattern")
-            labels_here, skipped_here = self._read_labels(shards)
+            labels_here, skipped_here, names_here = self._read_labels(shards)
             files += shards
+            names += names_here
             roles += [split] * len(shards)  # a shard moved to another pattern changes the data
             raw_labels += labels_here
             skipped += skipped_here
@@ -134,8 +135,9 @@ class TFRecordData:
         )
         key = self.settings.cache_key(fingerprint)
         splits = {split: self._split(files, labels, indices, split, key) for split, indices in parts.items()}
+        ids = {split: [names[i] for i in indices] for split, indices in parts.items()}
         return dataset.make_bundle(splits, counts, class_names, self.settings, self.task,
-                                   self.augmentation, [s for s, _ in skipped], fingerprint)
+                                   self.augmentation, [s for s, _ in skipped], fingerprint, ids)
 
     def _files(self, pattern: str, key: str) -> list[str]:
         import tensorflow as tf
@@ -148,17 +150,20 @@ class TFRecordData:
             )
         return files
 
-    def _read_labels(self, files: list[str]) -> tuple[list[Any], list[tuple[str, str]]]:
-        """Each record's raw label (None when its image is skipped), and the skipped records."""
+    def _read_labels(self, files: list[str]) -> tuple[list[Any], list[tuple[str, str]], list[str]]:
+        """Each record's raw label (None when its image is skipped), the skipped records, and
+        each record's id (`<file>:<record index in the file>`)."""
         import tensorflow as tf
 
         labels: list[Any] = []
         skipped: list[tuple[str, str]] = []
+        names: list[str] = []
         for file in files:
             chunk: list[tuple[str, Any, bytes]] = []
             try:
                 for number, record in enumerate(tf.data.TFRecordDataset(file).as_numpy_iterator()):
                     chunk.append((f"{file}#{number}", *self._features(file, number, record)))
+                    names.append(f"{file}:{number}")
                     if len(chunk) == CHUNK:
                         self._check_chunk(chunk, labels, skipped, self.settings.max_pixels)
                         chunk = []
@@ -169,7 +174,7 @@ class TFRecordData:
                 ) from error
             self._check_chunk(chunk, labels, skipped, self.settings.max_pixels)
         scan.report_skipped(skipped, len(labels), f"data.file_pattern={self.file_pattern!r}")
-        return labels, skipped
+        return labels, skipped, names
 
     def _features(self, file: str, number: int, record: bytes) -> tuple[Any, bytes]:
         import tensorflow as tf

@@ -173,3 +173,13 @@ def test_bad_split_fractions_name_the_key(val_split, test_split, key):
     with pytest.raises(ConfigError) as caught:
         DigitsData(classes=CLASSES, val_split=val_split, test_split=test_split).load()
     assert key in str(caught.value)
+
+
+def test_example_ids_are_the_index_in_scikit_learns_digits(bundle, splits):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for name, (images, labels) in splits.items():
+        index = np.array([int(i) for i in bundle.example_ids[name]])
+        np.testing.assert_array_equal(images[..., 0], digits.images[index] * (255.0 / 16.0))
+        assert [CLASSES[label] for label in labels] == digits.target[index].tolist()

@@ -189,3 +189,24 @@ def test_not_a_tfrecord_file(tmp_path):
     (tmp_path / "junk.tfrecord").write_bytes(b"this is not a record file at all")
     message = _error(tmp_path / "*.tfrecord")
     assert "junk.tfrecord" in message and "not a readable TFRecord file" in message
+
+
+def test_example_ids_name_each_elements_record(bundle, shards):
+    """`<file>:<record index in the file>`, the skipped record counted: the record at that
+    place decodes to the very image the split yields there."""
+    import tensorflow as tf
+
+    from pipeline.data.decode import decode_bytes
+
+    records = {}
+    for split in ("train", "val", "test"):
+        images, _ = dataset_arrays(getattr(bundle, split))
+        assert len(bundle.example_ids[split]) == len(images)
+        for image, example_id in zip(images, bundle.example_ids[split], strict=True):
+            file, number = example_id.rsplit(":", 1)
+            if file not in records:
+                records[file] = list(tf.data.TFRecordDataset(file).as_numpy_iterator())
+            parsed = tf.io.parse_single_example(records[file][int(number)],
+                                                {"image/encoded": tf.io.FixedLenFeature([], tf.string)})
+            np.testing.assert_array_equal(image, decode_bytes(parsed["image/encoded"], 3, SIZE, "resize").numpy())
+    assert f"{shards / 'train-00000-of-00002.tfrecord'}:2" not in {i for ids in bundle.example_ids.values() for i in ids}
