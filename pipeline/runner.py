@@ -76,7 +76,7 @@ def run(
         _sigterm_as_interrupt(),
         run_dir_lock(output_dir) if chief else nullcontext(),
         stages.tracking.run(
-            config.flatten(_without_hydra(resolved)),
+            config.flatten(_params(resolved)),
             tags,
             record=chief,
             resume_run_id=resumed.run_id if resumed else None,
@@ -286,6 +286,11 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _params(resolved: dict[str, Any]) -> dict[str, Any]:
+    """What a training run logs as MLflow params: its config less Hydra's and `extract`'s keys."""
+    return {k: v for k, v in _without_hydra(resolved).items() if k != "extract"}
 
 
 def _without_hydra(resolved: dict[str, Any]) -> dict[str, Any]:

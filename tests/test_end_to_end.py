@@ -68,6 +68,7 @@ def test_mlflow_has_params_epoch_metrics_final_metrics_tags_and_artifacts(defaul
     assert params["head._target_"] == "pipeline.heads.LinearHead"
     assert params["source.handle"].endswith("digits_0to4")
     assert params["data.classes"] == "[5, 6, 7, 8, 9]"
+    assert not [key for key in params if key.startswith(("extract.", "hydra."))]  # not the run's settings
 
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     # One point per epoch (steps 0-11), then the final evaluation at step 12.
