@@ -73,7 +73,7 @@ def run(
     chief = is_chief(stages.train.strategy)
     with (
         _machine_faults(_places(resolved, output_dir), again=_again(cfg, output_dir)),
-        _sigterm_as_interrupt(),
+        _sigterm_as_interrupt() as stop_if_signalled,
         run_dir_lock(output_dir) if chief else nullcontext(),
         stages.tracking.run(
             config.flatten(_params(resolved)),
@@ -87,13 +87,16 @@ def run(
         if on_run_dir is not None:
             on_run_dir(output_dir, resumed is not None)
         trained = _train(stages, tracked, check, output_dir, resumed is not None)
+        stop_if_signalled()
         if trained is None:
             return {}  # non-chief workers train; the chief evaluates, exports and logs
         adapted, data, result = trained
         evaluation = stages.evaluate.evaluate(adapted, data, output_dir / "evaluation", result.history,
                                               features=result.features)
+        stop_if_signalled()
         # A resumed run may have exported before it was killed (during the MLflow logging).
         exported = stages.export.export(adapted, data, output_dir / "export", replace=resumed is not None)
+        stop_if_signalled()
         metrics = {**evaluation.metrics, "epochs_completed": float(result.epochs_completed), **exported.metrics}
         model_uri = _record(tracked, output_dir, metrics, evaluation, exported, step=result.epochs_completed)
     _print_summary(metrics, exported, tracked, model_uri)
@@ -269,21 +272,33 @@ def _job_overrides() -> dict[str, str]:
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (preemption, `kill`) ends the run as KILLED, like Ctrl-C, not as a crash."""
+def _sigterm_as_interrupt() -> Iterator[Callable[[], None]]:
+    """SIGTERM (preemption, `kill`) ends the run as KILLED, like Ctrl-C, not as a crash.
+
+    Yields `stop_if_signalled`, for the stage boundaries: Python drops an exception raised
+    while a `__del__` runs (TensorFlow objects are collected all through an export), so a
+    signal that arrives then would be lost; the boundary after it stops the run instead.
+    """
     import signal
     import threading
 
+    received: list[int] = []
+
+    def stop_if_signalled() -> None:
+        if received:
+            raise KeyboardInterrupt("SIGTERM")
+
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop_if_signalled
         return
 
     def interrupt(signum, frame):
+        received.append(signum)
         raise KeyboardInterrupt("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield
+        yield stop_if_signalled
     finally:
         signal.signal(signal.SIGTERM, previous)
 

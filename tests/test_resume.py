@@ -49,14 +49,14 @@ def test_explicit_resume_names_the_run_directory(tmp_path):
 
 
 def test_sigterm_marks_the_run_killed_and_auto_resume_picks_it_up(tmp_path):
-    process = _start(tmp_path, tmp_path / "run1")
+    process = _start(tmp_path, tmp_path / "run1", "train.epochs=30")  # the signal lands mid-training
     _wait_for_epochs(tmp_path / "run1", 2, process)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=120)
     assert process.returncode != 0
     (run,) = runs(tmp_path)
     assert run.info.status == "KILLED"
-    done = run_pipeline(tmp_path, f"hydra.run.dir={tmp_path / 'run2'}", *SETTINGS)
+    done = run_pipeline(tmp_path, f"hydra.run.dir={tmp_path / 'run2'}", *SETTINGS, "train.epochs=30")
     assert done.returncode == 0 and "resuming run" in done.stdout + done.stderr
     assert [r.info.status for r in runs(tmp_path)] == ["FINISHED"]
 

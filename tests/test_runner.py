@@ -146,3 +146,35 @@ def test_auto_never_takes_over_a_run_whose_process_is_alive(tmp_path):
     with run_dir_lock(run_dir):  # the owner still runs (here, or on another host sharing the disk)
         assert resume_target("auto", store, "id") is None
     assert resume_target("auto", store, "id") == ResumeTarget("abc", run_dir)
+
+
+@pytest.mark.slow
+def test_a_sigterm_lost_inside_a_del_still_stops_the_run_at_the_next_stage(tmp_path, monkeypatch):
+    """Python drops an exception raised in `__del__`; the signal must not be lost with it."""
+    import os
+    import signal
+
+    from cli import runs
+    from conftest import compose
+
+    from pipeline.evaluate import Evaluator
+    from pipeline.runner import run
+
+    evaluate = Evaluator.evaluate
+
+    class Collected:
+        def __del__(self):  # the handler's KeyboardInterrupt is raised, and dropped, in here
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def evaluating(self, *args, **kwargs):
+        Collected()  # made and collected at once, as TensorFlow's objects are during an export
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "evaluate", evaluating)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        run(compose(["train.epochs=1", "data.classes=[5,6,7]", "train.verbose=0",
+                     f"train.feature_cache_dir={tmp_path / 'cache'}"], tmp_path))
+    (killed,) = runs(tmp_path)
+    assert killed.info.status == "KILLED"  # resumable by the same command
+    assert not (tmp_path / "run" / "export").exists()  # stopped before the next stage
+
