@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 # The modules whose Keras layers an exported model can hold.
 KERAS_MODULES = (
     "pipeline.data.layers",
+    "pipeline.estimator_layer",
     "pipeline.sources.backbone",
     "pipeline.sources.preprocess",
     "pipeline.sources.saved_model_layer",

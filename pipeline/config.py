@@ -71,10 +71,22 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
 def _check_combination(resolved: Mapping[str, Any]) -> None:
     """Settings of different groups that cannot go together."""
     head, freeze = resolved.get("head") or {}, resolved.get("freeze") or {}
-    if head.get("_target_") == "pipeline.heads.SklearnHead" and freeze.get("_target_") != "pipeline.freeze.FreezeAll":
+    if head.get("_target_") != "pipeline.heads.SklearnHead":
+        return
+    if freeze.get("_target_") != "pipeline.freeze.FreezeAll":
         raise ConfigError(
             f"head=sklearn fits a scikit-learn classifier on the frozen backbone's features, but "
             f"freeze is {freeze.get('_target_')!r}, which trains backbone weights: set freeze=all."
+        )
+    from pipeline.heads import linear_config
+
+    formats = [f for f in (resolved.get("export") or {}).get("formats") or () if f != "saved_model"]
+    if formats and not linear_config(head.get("estimator") or {}):
+        raise ConfigError(
+            f"export.formats includes {', '.join(map(str, formats))}, but head.estimator "
+            f"{(head.get('estimator') or {}).get('_target_')!r} is not linear: it is served as a SavedModel "
+            "of the backbone plus estimator.skops, which only export.formats=[saved_model] writes. "
+            "Set that, or use a linear estimator (LogisticRegression, LinearSVC, RidgeClassifier)."
         )
 
 

@@ -6,7 +6,9 @@ into place: a crash or a failed check never leaves half an export where a user w
 
 The export directory holds `labels.txt` (one class name per line, in probability order),
 `input_example.npy` (two raw images, for `saved_model_cli run` and MLflow) and one entry
-per format: `saved_model/`, `model.keras`, `model.tflite`.
+per format: `saved_model/`, `model.keras`, `model.tflite`, `model.onnx`. A non-linear
+scikit-learn head is exported as `backbone/` (a SavedModel giving features) and
+`estimator.skops` instead (`EstimatorFormat`).
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class Exporter:
             paths: dict[str, Path] = {}
             differences: dict[str, float] = {}
             accuracy_delta: dict[str, float] = {}
-            for name, writer in self._writers().items():
+            for name, writer in self._writers(adapted).items():
                 written = writer.write(adapted, data, staging, images, expected)
                 differences[name] = written.max_abs_diff
                 if not written.max_abs_diff <= writer.tolerance:  # also catches NaN
@@ -134,8 +136,20 @@ class Exporter:
             root=destination, paths=paths, max_abs_diff=differences, accuracy_delta=accuracy_delta
         )
 
-    def _writers(self) -> dict[str, Any]:
+    def _writers(self, adapted: AdaptedModel) -> dict[str, Any]:
         """One writer per requested format (`export.formats`, a checked list of names)."""
+        from pipeline.estimator_layer import served_estimator
+
+        if served_estimator(adapted.model) is not None:
+            others = [name for name in self.formats if name != "saved_model"]
+            if others:
+                raise ConfigError(
+                    f"export.formats={self.formats!r}: a scikit-learn head other than a linear one is "
+                    f"served as a SavedModel of the backbone plus estimator.skops, which {', '.join(others)} "
+                    "cannot hold. Use export.formats=[saved_model], or a linear head.estimator "
+                    "(LogisticRegression, LinearSVC, RidgeClassifier) for every format."
+                )
+            return {"saved_model": EstimatorFormat(self.tolerance)}
         tflite_tolerance = self.tflite_tolerance
         if tflite_tolerance is None:
             tflite_tolerance = TFLITE_TOLERANCE[self.quantization]
@@ -194,6 +208,54 @@ class SavedModelFormat:
             files = tf.stack([tf.io.encode_png(image) for image in pixels])
             served = signatures["serving_bytes"](images=files)["probabilities"].numpy()
             difference = max(difference, _max_abs_diff(served, wanted))
+        return Written(path, difference, actual)
+
+
+class EstimatorFormat:
+    """`backbone/` (a SavedModel: images in, the features the classifier takes out) and
+    `estimator.skops` (the fitted scikit-learn classifier): a non-linear `head=sklearn`.
+
+    The SavedModel has the signatures of `pipeline.serving`, returning `features`; the MLflow
+    model and `pipeline.predict` put the two together. Checked as they serve it: the
+    reloaded SavedModel's features through the estimator reloaded from its file.
+    """
+
+    tolerance_key = "export.tolerance"
+    reports_accuracy = False
+
+    def __init__(self, tolerance: float):
+        self.tolerance = tolerance
+
+    def write(self, adapted, data, staging, images, expected) -> Written:
+        import numpy as np
+        import tensorflow as tf
+
+        from pipeline.estimator_layer import feature_model, served_estimator
+        from pipeline.estimators import SKOPS_FILE, estimator_probabilities, load_estimator
+        from pipeline.serving import write_saved_model
+
+        layer = served_estimator(adapted.model)
+        path = write_saved_model(
+            feature_model(adapted), adapted.class_names, adapted.task, data.input_shape, data.resize,
+            staging / "backbone", max_pixels=data.max_pixels, features=True,
+        )
+        (staging / SKOPS_FILE).write_bytes(layer.saved)
+        estimator = load_estimator((staging / SKOPS_FILE).read_bytes(), SKOPS_FILE)
+        signatures = tf.saved_model.load(str(path)).signatures
+        count = len(adapted.class_names)
+
+        def served(signature, batch):
+            features = signatures[signature](images=batch)["features"].numpy()
+            return estimator_probabilities(estimator, features, count, "multiclass")
+
+        actual = served("serving_default", tf.constant(images))
+        difference = _max_abs_diff(actual, expected)
+        pixels = np.clip(np.round(images[:_BYTES_CHECKED]), 0, 255).astype("uint8")
+        wanted = _class_probabilities(adapted.model.predict(pixels.astype("float32"), verbose=0), adapted.task)
+        difference = max(difference, _max_abs_diff(served("serving_uint8", tf.constant(pixels)), wanted))
+        if "serving_bytes" in signatures:
+            files = tf.stack([tf.io.encode_png(image) for image in pixels])
+            difference = max(difference, _max_abs_diff(served("serving_bytes", files), wanted))
         return Written(path, difference, actual)
 
 

@@ -131,16 +131,44 @@ _LINEAR_ESTIMATORS = ("LogisticRegression", "LinearSVC", "RidgeClassifier")
 _SCALERS = ("StandardScaler",)
 
 
+def is_linear(estimator: Any) -> bool:
+    """Whether `head=sklearn` folds the classifier into a Dense layer (else it is served as skops)."""
+    steps = [step for _, step in estimator.steps] if hasattr(estimator, "steps") else [estimator]
+    return type(steps[-1]).__name__ in _LINEAR_ESTIMATORS and all(
+        step in (None, "passthrough") or type(step).__name__ in _SCALERS for step in steps[:-1]
+    )
+
+
+def linear_config(estimator: dict) -> bool:
+    """`is_linear` of the estimator that config node `head.estimator` would build (nothing built)."""
+    steps = [estimator]
+    if str(estimator.get("_target_", "")).endswith(".Pipeline"):
+        steps = [step[1] if isinstance(step, (list, tuple)) else step for step in estimator.get("steps") or ()]
+    names = [str(step.get("_target_", step)).rsplit(".", 1)[-1] if isinstance(step, dict) else str(step)
+             for step in steps]
+    return bool(names) and names[-1] in _LINEAR_ESTIMATORS and all(
+        name in ("None", "passthrough", *_SCALERS) for name in names[:-1]
+    )
+
+
 class SklearnHead:
-    """A scikit-learn classifier fitted on the frozen backbone's features, served as a Dense layer.
+    """A scikit-learn classifier fitted on the frozen backbone's features.
 
     The backbone runs once per split (through the feature cache); the estimator is fitted
-    on the training features and written into the head's Dense layer, so evaluation, every
-    export format and the MLflow model serve exactly the fitted estimator:
-    `LogisticRegression` gives its own `predict_proba` (softmax, or a sigmoid for two
-    classes); `LinearSVC` and `RidgeClassifier`, which have no probabilities, give a
-    softmax (sigmoid) of their decision function: the same decisions, uncalibrated. A
-    `Pipeline` may put `StandardScaler`s before the classifier (folded into the layer).
+    on the training features. How it is served depends on the estimator:
+
+    - Linear ones are written into the head's Dense layer, so evaluation, every export
+      format and the MLflow model serve exactly the fitted estimator: `LogisticRegression`
+      gives its own `predict_proba` (softmax, or a sigmoid for two classes); `LinearSVC`
+      and `RidgeClassifier`, which have no probabilities, give a softmax (sigmoid) of their
+      decision function: the same decisions, uncalibrated. A `Pipeline` may put
+      `StandardScaler`s before the classifier (folded into the layer).
+    - Any other classifier (`SVC`, `KNeighborsClassifier`, a forest, a `Pipeline` ending in
+      one) becomes the head's `pipeline.estimators.EstimatorLayer`: its `predict_proba`
+      (else a softmax of `decision_function`) on the pooled features. The export writes the
+      backbone as a SavedModel beside `estimator.skops`, which the MLflow model and
+      `pipeline.predict` serve (`export.formats=[saved_model]` only).
+
     Spatial features are averaged first, as the Keras heads do. Multilabel tasks are not
     supported, and `freeze` must be `all` (the config check says so before any work).
 
@@ -150,6 +178,7 @@ class SklearnHead:
 
     Example:
         >>> SklearnHead(LogisticRegression(C=1.0, max_iter=1000))
+        >>> SklearnHead(KNeighborsClassifier(n_neighbors=5))
     """
 
     def __init__(self, estimator: Any):
@@ -162,21 +191,20 @@ class SklearnHead:
                 "scikit-learn classifier. Use one, for example "
                 "head.estimator._target_=sklearn.linear_model.LogisticRegression."
             )
-        steps = [step for _, step in estimator.steps] if hasattr(estimator, "steps") else [estimator]
-        scalers, final = steps[:-1], steps[-1]
-        if type(final).__name__ not in _LINEAR_ESTIMATORS or any(
-            step not in (None, "passthrough") and type(step).__name__ not in _SCALERS for step in scalers
-        ):
+        final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+        if not (hasattr(type(final), "predict_proba") or hasattr(type(final), "decision_function")):
             raise ConfigError(
-                f"head.estimator: {name} ({' -> '.join(type(s).__name__ for s in steps)}) cannot be "
-                f"served as a layer yet; supported: {', '.join(_LINEAR_ESTIMATORS)}, optionally in a "
-                "sklearn.pipeline.Pipeline after StandardScaler, for example "
-                "head.estimator._target_=sklearn.linear_model.LogisticRegression."
+                f"head.estimator: {type(final).__name__} has neither predict_proba nor decision_function, "
+                "so it gives no score per class to evaluate and serve. Choose another classifier, "
+                "for example head.estimator._target_=sklearn.neighbors.KNeighborsClassifier."
             )
         self.estimator = estimator
+        self.linear = is_linear(estimator)
 
     def build(self, feature_shape: tuple[int, ...], num_classes: int, task: Task) -> Any:
         import keras
+
+        from pipeline.estimator_layer import EstimatorLayer
 
         if task == "multilabel":
             raise ConfigError(
@@ -184,24 +212,31 @@ class SklearnHead:
                 "data.task=multilabel needs a Keras head: use head=linear or head=mlp."
             )
         features, x = _features_input(feature_shape)
-        return keras.Model(features, _output_layer(num_classes, task)(x), name="head")
+        if self.linear:
+            output = _output_layer(num_classes, task)
+        else:
+            output = EstimatorLayer(num_classes, task, name="probabilities")
+        return keras.Model(features, output(x), name="head")
 
     def fit(self, head: Any, features: Any, labels: Any, task: Task) -> None:
-        """Fit the estimator on `features` (the backbone's outputs) and write it into `head`."""
+        """Fit the estimator on `features` (the backbone's outputs) and put it into `head`."""
         import keras
         import numpy as np
         from sklearn.base import clone
 
         output = head.get_layer("probabilities")
-        pooled = keras.Model(head.inputs, output.input)  # what the Dense layer sees
+        pooled = keras.Model(head.inputs, output.input)  # what the output layer sees
         x = np.asarray(pooled.predict(features, verbose=0, batch_size=1024), dtype="float64")
         labels = np.asarray(labels).astype("int64")
-        num_classes = output.units if task != "binary" else 2
+        num_classes = head.output_shape[-1] if task != "binary" else 2
         if len(np.unique(labels)) < 2:
             raise DataError(
                 "head=sklearn: the training split holds one class only; a classifier needs two or more"
             )
         self.fitted = clone(self.estimator).fit(x, labels)
+        if not self.linear:
+            output.estimator = self.fitted
+            return
         kernel, bias = _affine(self.fitted, x.shape[1], num_classes, task)
         output.set_weights([kernel.astype("float32"), bias.astype("float32")])
 

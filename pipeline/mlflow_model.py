@@ -10,6 +10,10 @@ object array of differently sized images. Output: a DataFrame with one row per i
 `class_name` (the most probable class), `probability` (its probability) and
 `probabilities` (one per class, in the order of `labels.txt`).
 
+A non-linear scikit-learn head (`head=sklearn`) is logged as `backbone` (a SavedModel whose
+signatures give the features) and `estimator` (`estimator.skops`); then serving also needs
+scikit-learn and skops, and the skops file is loaded with scikit-learn's own types only.
+
 Example:
     >>> model = mlflow.pyfunc.load_model("runs:/<run_id>/model")
     >>> model.predict(images.astype("float32"))  # class_name, probability, probabilities
@@ -30,7 +34,18 @@ class ImageClassifier(PythonModel):
     def load_context(self, context):
         import tensorflow as tf
 
-        self._serving = tf.saved_model.load(context.artifacts["saved_model"]).signatures["serving_default"]
+        self._estimator = None
+        if "estimator" in context.artifacts:  # a scikit-learn head on the backbone's features
+            import skops.io
+
+            data = Path(context.artifacts["estimator"]).read_bytes()
+            untrusted = skops.io.get_untrusted_types(data=data)
+            foreign = [name for name in untrusted if not name.startswith("sklearn.")]
+            if foreign:
+                raise ValueError(f"estimator.skops names types outside scikit-learn: {', '.join(foreign)}")
+            self._estimator = skops.io.loads(data, trusted=untrusted)
+        saved_model = context.artifacts["backbone" if self._estimator is not None else "saved_model"]
+        self._serving = tf.saved_model.load(saved_model).signatures["serving_default"]
         self.class_names = Path(context.artifacts["labels"]).read_text().splitlines()
 
     def predict(self, context, model_input: np.ndarray, params=None):
@@ -56,8 +71,30 @@ class ImageClassifier(PythonModel):
         import tensorflow as tf
 
         outputs = self._serving(images=tf.constant(images))
-        names = np.array([name.decode() for name in outputs["class_name"].numpy()])
-        return outputs["probabilities"].numpy(), names
+        if self._estimator is None:
+            names = np.array([name.decode() for name in outputs["class_name"].numpy()])
+            return outputs["probabilities"].numpy(), names
+        probabilities = self._classify(outputs["features"].numpy().astype("float64"))
+        return probabilities, np.array(self.class_names)[probabilities.argmax(axis=1)]
+
+    def _classify(self, features):
+        """The estimator's probability per class name (pipeline.estimators.estimator_probabilities).
+
+        `predict_proba`, else a softmax (two classes: a sigmoid) of `decision_function`; a
+        class that training lacked has probability 0.
+        """
+        estimator = self._estimator
+        if hasattr(estimator, "predict_proba"):
+            known = estimator.predict_proba(features)
+        else:
+            decision = estimator.decision_function(features)
+            if decision.ndim == 1:
+                decision = np.stack([-decision / 2, decision / 2], axis=1)  # softmax: [sigmoid(-z), sigmoid(z)]
+            known = np.exp(decision - decision.max(axis=1, keepdims=True))
+            known /= known.sum(axis=1, keepdims=True)
+        probabilities = np.zeros((len(features), len(self.class_names)), dtype="float32")
+        probabilities[:, np.asarray(estimator.classes_).astype("int64")] = known
+        return probabilities
 
 
 mlflow.models.set_model(ImageClassifier())

@@ -1,6 +1,7 @@
 """`python -m pipeline.predict SOURCE IMAGES...`: the top classes of image files, printed and as CSV.
 
-SOURCE is an export directory (holding `saved_model/`), a SavedModel directory, or an MLflow
+SOURCE is an export directory (holding `saved_model/`, or `backbone/` and `estimator.skops`
+for a scikit-learn head), a SavedModel directory, or an MLflow
 model URI (`runs:/<run_id>/model`, `models:/<name>/<version>`). IMAGES are files, folders
 (the images directly inside) or globs (`'photos/**/*.jpg'`, quoted so that the shell leaves
 them alone).
@@ -63,10 +64,13 @@ def predict(
     if top_k < 1:
         raise DataError(f"--top-k={top_k}: expected 1 or more, for example --top-k 3")
     is_uri = source.startswith(_URI_SCHEMES)
-    saved_model = None if is_uri else _saved_model_dir(Path(source))
+    estimator = None if is_uri else _estimator_export(Path(source))
+    saved_model = None if is_uri or estimator else _saved_model_dir(Path(source))
     paths, contents = readable_images(find_images(images), max_pixels)  # before TensorFlow: fail fast
     if is_uri:
         probabilities, class_names = _mlflow_model(source, tracking_uri, contents, batch_size, allow_unsafe)
+    elif estimator:
+        probabilities, class_names = _estimator_model(Path(source), contents, batch_size, allow_unsafe)
     else:
         probabilities, class_names = _saved_model(saved_model, contents, batch_size)
     return _top_k(paths, probabilities, class_names, top_k)
@@ -94,6 +98,13 @@ def find_images(patterns: Sequence[str]) -> list[Path]:
             raise DataError(f"image {pattern!r} does not exist; pass files, folders or globs of images")
         found += [m for m in matches if m not in found]
     return found
+
+
+def _estimator_export(source: Path) -> bool:
+    """Whether `source` is the export of a scikit-learn head: `backbone/` and `estimator.skops`."""
+    from pipeline.estimators import SKOPS_FILE
+
+    return (source / SKOPS_FILE).is_file() and (source / "backbone" / "saved_model.pb").is_file()
 
 
 def _saved_model_dir(source: Path) -> Path:
@@ -160,6 +171,33 @@ def _saved_model(directory: Path, contents: Sequence[bytes], batch_size: int):
     probabilities = np.concatenate([b["probabilities"].numpy() for b in batches])
     class_names = [n.decode() for n in batches[0]["class_names"].numpy()[0]]
     return probabilities, class_names
+
+
+def _estimator_model(export: Path, contents: Sequence[bytes], batch_size: int, allow_unsafe: bool):
+    """Probabilities of a scikit-learn head's export: the backbone's `serving_bytes`, then the estimator.
+
+    The estimator file is read as data (`pipeline.estimators.load_estimator`): only
+    scikit-learn's own types unless `allow_unsafe`.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from pipeline.estimators import SKOPS_FILE, estimator_probabilities, load_estimator
+
+    class_names = (export / "labels.txt").read_text().splitlines()
+    estimator = load_estimator((export / SKOPS_FILE).read_bytes(), str(export / SKOPS_FILE), allow_unsafe)
+    signatures = tf.saved_model.load(str(export / "backbone")).signatures
+    if "serving_bytes" not in signatures:
+        raise ExportError(
+            f"the SavedModel at {export / 'backbone'} has no serving_bytes signature (its images "
+            "have 2 or 4 channels); pass the images through the MLflow model instead"
+        )
+    serve = signatures["serving_bytes"]
+    features = np.concatenate([
+        serve(images=tf.constant(list(contents[start : start + batch_size])))["features"].numpy()
+        for start in range(0, len(contents), batch_size)
+    ])
+    return estimator_probabilities(estimator, features, len(class_names), "multiclass"), class_names
 
 
 def _mlflow_model(uri: str, tracking_uri: str, contents: Sequence[bytes], batch_size: int, allow_unsafe: bool):
@@ -238,8 +276,8 @@ def main(argv: Sequence[str] | None = None, output: Callable[[str], None] = prin
     )
     parser.add_argument(
         "--allow-unsafe", action="store_true",
-        help="let an MLflow model's SavedModel run ops that touch files, the network or Python "
-        "(only for stores you trust)",
+        help="let an MLflow model's SavedModel run ops that touch files, the network or Python, "
+        "and an estimator.skops build types outside scikit-learn (only for files you trust)",
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

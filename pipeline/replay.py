@@ -20,9 +20,16 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 
-# The estimators head=sklearn serves (pipeline.heads.SklearnHead), and nothing else of scikit-learn.
-SKLEARN_TARGETS = ("sklearn.linear_model.", "sklearn.svm.", "sklearn.pipeline.Pipeline",
-                   "sklearn.preprocessing.StandardScaler")
+# The estimator families head=sklearn serves (pipeline.heads.SklearnHead) and the transformers a
+# Pipeline may put before them: classes whose constructors only store their arguments. Not the
+# rest of scikit-learn (sklearn.datasets fetches over the network, sklearn.utils runs anything).
+SKLEARN_TARGETS = tuple(f"sklearn.{name}" for name in (
+    "linear_model.", "svm.", "neighbors.", "ensemble.", "tree.", "naive_bayes.", "discriminant_analysis.",
+    "neural_network.", "gaussian_process.GaussianProcessClassifier", "calibration.CalibratedClassifierCV",
+    "multiclass.", "pipeline.Pipeline", "preprocessing.StandardScaler", "preprocessing.MinMaxScaler",
+    "preprocessing.MaxAbsScaler", "preprocessing.RobustScaler", "preprocessing.Normalizer",
+    "decomposition.PCA", "random_projection.",
+))
 ALLOWED_TARGETS = ("pipeline.", "keras.optimizers.", "keras.losses.", *SKLEARN_TARGETS)
 _RESOLVER = re.compile(r"\$\{\s*[\w.-]+\s*:")
 _RUNS_CODE = {"allow_unsafe": True, "safe_mode": False}

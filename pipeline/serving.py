@@ -47,11 +47,14 @@ def write_saved_model(
     resize: str,
     path: Path,
     max_pixels: int = 100_000_000,
+    features: bool = False,
 ) -> Path:
     """Writes `model` (raw 0-255 images of `input_shape` -> head outputs) with the signatures above.
 
     `serving_bytes` refuses a file whose header declares more than `max_pixels` pixels
-    (an InvalidArgumentError naming the limit), before decoding it.
+    (an InvalidArgumentError naming the limit), before decoding it. With `features=True`
+    `model` ends before the classifier, and each signature returns its output as `features`
+    instead (the backbone a scikit-learn head's export serves, see `pipeline.estimators`).
     """
     import keras
     import tensorflow as tf
@@ -65,6 +68,8 @@ def write_saved_model(
     # (a call op, not a copy of the graph), so writing and loading trace the network once.
     @tf.function(input_signature=[tf.TensorSpec((None, *input_shape), tf.float32)], autograph=False)
     def outputs_at_size(images):
+        if features:
+            return {"features": model(images, training=False)}
         return _outputs(model(images, training=False), names, task)
 
     def serve_float(images):

@@ -401,12 +401,17 @@ class Trainer:
 
 
 def weights_sha256(model: Any) -> str:
-    """A digest of all the model's weights, in order, bit for bit."""
+    """A digest of all the model's weights, in order, bit for bit (and of a scikit-learn head's state)."""
     import hashlib
+
+    from pipeline.estimator_layer import served_estimator
 
     digest = hashlib.sha256()
     for variable in model.weights:
         digest.update(variable.numpy().tobytes())
+    layer = served_estimator(model)
+    if layer is not None and layer.digest is not None:  # head=sklearn's classifier, as fitted
+        digest.update(layer.digest)
     return digest.hexdigest()
 
 

@@ -163,3 +163,20 @@ def test_head_sklearn_freezes_the_backbone_and_checks_the_estimator(tmp_path):
                    "head.estimator.C=0.1"], tmp_path)
     config.validate(cfg)
     assert type(config.build(cfg, "head").estimator).__name__ == "LinearSVC"
+
+
+def test_a_nonlinear_sklearn_head_exports_saved_model_only(tmp_path):
+    knn = ["head=sklearn", "head.estimator._target_=sklearn.neighbors.KNeighborsClassifier",
+           "~head.estimator.C", "~head.estimator.max_iter", "+head.estimator.n_neighbors=3"]
+    config.validate(compose(knn, tmp_path))
+    config.validate(compose([*knn, "export=none"], tmp_path))
+    with pytest.raises(ConfigError, match=r"export\.formats includes keras, but head\.estimator "
+                                          r"'sklearn\.neighbors\.KNeighborsClassifier' is not linear"):
+        config.validate(compose([*knn, "export.formats=[saved_model,keras]"], tmp_path))
+    scaled = ["head=sklearn", "head.estimator._target_=sklearn.pipeline.Pipeline", "~head.estimator.C",
+              "~head.estimator.max_iter", "export.formats=[saved_model,tflite]",
+              "+head.estimator.steps=[[s,{_target_:sklearn.preprocessing.StandardScaler}],"
+              "[f,{_target_:sklearn.svm.LinearSVC}]]"]
+    config.validate(compose(scaled, tmp_path))  # folded into a Dense layer: every format
+    with pytest.raises(ConfigError, match=r"export\.formats includes tflite"):
+        config.validate(compose([*scaled[:-1], scaled[-1].replace("svm.LinearSVC", "svm.SVC")], tmp_path))

@@ -229,23 +229,136 @@ def test_sklearn_a_class_missing_from_training_is_never_predicted():
 
 
 def test_sklearn_refuses_what_it_cannot_serve_before_any_work():
+    from sklearn.cluster import KMeans
     from sklearn.linear_model import LinearRegression
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import MinMaxScaler
 
     from pipeline.errors import ConfigError
     from pipeline.heads import SklearnHead
 
     with pytest.raises(ConfigError, match=r"LinearRegression, which is not a scikit-learn classifier"):
         SklearnHead(LinearRegression())
-    with pytest.raises(ConfigError, match=r"KNeighborsClassifier .*cannot be served as a layer yet"):
-        SklearnHead(KNeighborsClassifier())
-    with pytest.raises(ConfigError, match=r"MinMaxScaler -> LogisticRegression"):
-        from sklearn.linear_model import LogisticRegression
-
-        SklearnHead(make_pipeline(MinMaxScaler(), LogisticRegression()))
+    with pytest.raises(ConfigError, match=r"KMeans, which is not a scikit-learn classifier"):
+        SklearnHead(KMeans())
     with pytest.raises(ConfigError, match=r"data\.task=multilabel needs a Keras head"):
         from sklearn.linear_model import LogisticRegression
 
         SklearnHead(LogisticRegression()).build((4,), 3, "multilabel")
+
+
+def _nonlinear(name):
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import MinMaxScaler
+    from sklearn.svm import SVC
+
+    return {
+        "knn": lambda: KNeighborsClassifier(n_neighbors=5),
+        "svc": lambda: SVC(C=1.0),  # no predict_proba: a softmax of its decisions
+        "forest": lambda: make_pipeline(MinMaxScaler(), RandomForestClassifier(n_estimators=10, random_state=0)),
+    }[name]()
+
+
+@pytest.mark.parametrize("name,task,num_classes", [("knn", "multiclass", 3), ("svc", "binary", 2),
+                                                   ("svc", "multiclass", 4), ("forest", "binary", 2)])
+def test_sklearn_nonlinear_heads_serve_the_fitted_estimator(name, task, num_classes):
+    from pipeline.heads import SklearnHead, class_probabilities
+
+    head = SklearnHead(_nonlinear(name))
+    assert not head.linear
+    x, y = _blobs(num_classes)
+    model = head.build((x.shape[1],), num_classes, task)
+    head.fit(model, x, y, task)
+    served = np.asarray(class_probabilities(model.predict(x, verbose=0), task))
+    assert served.shape == (len(x), num_classes)
+    fitted = head.fitted
+    if hasattr(fitted, "predict_proba"):
+        np.testing.assert_array_equal(served.argmax(1), fitted.predict(x))  # its decisions, exactly
+        np.testing.assert_allclose(served, fitted.predict_proba(x), atol=1e-6)
+    elif task == "binary":
+        z = fitted.decision_function(x)
+        np.testing.assert_allclose(served[:, 1], 1 / (1 + np.exp(-z)), atol=1e-6)
+    else:  # SVC's one-vs-rest decisions: its predict(x) with break_ties=True
+        np.testing.assert_allclose(served, _softmax(fitted.decision_function(x)), atol=1e-6)
+        np.testing.assert_array_equal(served.argmax(1), fitted.set_params(break_ties=True).predict(x))
+    assert 0.5 < np.mean(served.argmax(1) == y)
+
+
+def test_sklearn_nonlinear_head_is_the_layer_state_of_a_keras_checkpoint(tmp_path):
+    import keras
+
+    from pipeline.heads import SklearnHead
+    from pipeline.train import weights_sha256
+
+    head = SklearnHead(_nonlinear("knn"))
+    x, y = _blobs(3)
+    model = head.build((x.shape[1],), 3, "multiclass")
+    untrained = weights_sha256(model)
+    head.fit(model, x, y, "multiclass")
+    fitted = weights_sha256(model)
+    assert fitted != untrained  # a resumed run is compared by this digest
+    model.predict(x, verbose=0)  # KNN's trees count their queries in their state
+    assert weights_sha256(model) == fitted
+    model.save(tmp_path / "last.keras")
+    loaded = keras.saving.load_model(tmp_path / "last.keras", compile=False)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    fresh = SklearnHead(_nonlinear("knn")).build((x.shape[1],), 3, "multiclass")
+    fresh.load_weights(tmp_path / "last.keras")  # what a resumed run does
+    np.testing.assert_array_equal(fresh.predict(x, verbose=0), model.predict(x, verbose=0))
+    assert weights_sha256(fresh) == fitted
+
+
+def test_a_skops_file_naming_types_outside_scikit_learn_is_refused():
+    import os
+
+    import skops.io
+    from sklearn.preprocessing import FunctionTransformer
+
+    from pipeline.errors import ExportError
+    from pipeline.estimators import dump_estimator, load_estimator
+
+    x, y = _blobs(3)
+    honest = _nonlinear("forest").fit(x, y)
+    assert np.array_equal(load_estimator(dump_estimator(honest), "estimator.skops").predict(x), honest.predict(x))
+    hostile = skops.io.dumps(FunctionTransformer(func=os.getcwd))
+    with pytest.raises(ExportError, match=r"estimator\.skops names types outside scikit-learn \(.*getcwd"):
+        load_estimator(hostile, "estimator.skops")
+    assert load_estimator(hostile, "estimator.skops", allow_unsafe=True).func is os.getcwd
+    with pytest.raises(ExportError, match=r"not a scikit-learn estimator in skops format"):
+        load_estimator(b"PK not a zip", "estimator.skops")
+
+
+def test_a_resumed_nonlinear_sklearn_run_restores_the_fitted_estimator_without_refitting(tmp_path):
+    from pipeline.adapt import adapt
+    from pipeline.freeze import FreezeAll
+    from pipeline.heads import SklearnHead, class_probabilities
+    from pipeline.schedules import Constant
+    from pipeline.train import Trainer
+    from test_freeze import keras_source, tiny_data
+
+    def adapted_and_trainer():
+        data = tiny_data()
+        adapted = adapt(keras_source(), SklearnHead(_nonlinear("svc")), FreezeAll(), data.class_names,
+                        data.input_shape, data.task)
+        import keras
+
+        trainer = Trainer(epochs=1, batch_size=16, learning_rate=0.01, optimizer=keras.optimizers.Adam,
+                          lr_schedule=Constant(), checkpoint=True, feature_cache=False, verbose=0)
+        return data, adapted, trainer
+
+    data, first, trainer = adapted_and_trainer()
+    logged = []
+    result = trainer.fit(first, data, on_epoch_end=lambda e, logs: logged.append(e), checkpoint_dir=tmp_path)
+    assert logged == [0] and result.epochs_completed == 1
+    images = np.stack([x for x, _ in data.test.as_numpy_iterator()])
+    expected = np.asarray(class_probabilities(first.model.predict(images, verbose=0), "multiclass"))
+
+    data, resumed, trainer = adapted_and_trainer()
+    refits = []
+    fit_head = resumed.fit_head
+    resumed = type(resumed)(**{**resumed.__dict__, "fit_head": lambda *a: refits.append(fit_head(*a))})
+    again = trainer.fit(resumed, data, on_epoch_end=lambda e, logs: logged.append(e), resume=tmp_path)
+    assert refits == [] and logged == [0]  # the fit is the run's one epoch, checkpointed
+    assert again.weights_sha256 == result.weights_sha256
+    np.testing.assert_array_equal(
+        np.asarray(class_probabilities(resumed.model.predict(images, verbose=0), "multiclass")), expected)

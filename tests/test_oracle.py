@@ -22,6 +22,7 @@ or determinism setting):
 | tfds_ap      | tfds         | aspect_preserving | multiclass | false         | 1        | linear (Keras) |
 | tfds_cp      | tfds         | crop_or_pad       | binary     | true          | 3        | linear (Keras) |
 | digits       | digits       | (8x8 arrays)      | multiclass | (fixed)       | 1        | sklearn StandardScaler + LogisticRegression |
+| folder_svc   | image_folder | resize            | multiclass | true          | 3        | sklearn SVC (RBF: backbone/ + estimator.skops) |
 
 Before the one-pass evaluation, `deterministic: false` runs reported metrics of
 predictions paired with other images' labels; before the served pixel path, the
@@ -357,6 +358,58 @@ def test_image_folder_crop_or_pad_binary_grayscale(tmp_path, sources):
     probabilities, top = served(run_dir / "export/saved_model", files=paths)
     assert_learned(probabilities, labels, "binary")
     assert_reported(run_dir, sklearn_metrics(probabilities, labels, "binary", names))
+
+
+def test_a_nonlinear_sklearn_head_is_served_as_evaluated(tmp_path, sources):
+    """An RBF SVC: the exported backbone and estimator.skops, put together by the oracle itself,
+    by `pipeline.predict` (export directory and MLflow URI) and by the MLflow pyfunc."""
+    import mlflow
+    import skops.io
+    from scipy.special import softmax
+
+    from pipeline.predict import predict
+
+    names = tuple(BRIGHTNESS)
+    files = write_folders(tmp_path / "images", examples(BRIGHTNESS, seed=3), names)
+    run_dir = run(
+        tmp_path, sources[3], 3, "data=image_folder", f"data.train_dir={tmp_path / 'images/train'}",
+        f"data.val_dir={tmp_path / 'images/val'}", f"data.test_dir={tmp_path / 'images/test'}",
+        "data.resize=resize", "data.deterministic=true", "head=sklearn", "head.estimator._target_=sklearn.svm.SVC",
+        "~head.estimator.max_iter", "head.estimator.C=10",
+    )
+    paths, labels = zip(*files["test"])
+    export = run_dir / "export"
+    assert not (export / "saved_model").exists()
+    import tensorflow as tf
+
+    backbone = tf.saved_model.load(str(export / "backbone")).signatures["serving_bytes"]
+    features = backbone(images=tf.constant([Path(p).read_bytes() for p in paths]))["features"].numpy()
+    data = (export / "estimator.skops").read_bytes()
+    svc = skops.io.loads(data, trusted=skops.io.get_untrusted_types(data=data))
+    assert type(svc).__name__ == "SVC" and not hasattr(svc, "predict_proba")
+    probabilities = softmax(svc.decision_function(features.astype("float64")), axis=1)
+    assert_learned(probabilities, labels, "multiclass")
+    assert_reported(run_dir, sklearn_metrics(probabilities, labels, "multiclass", names))
+
+    for source in (str(export), f"runs:/{json.loads((run_dir / 'mlflow_run.json').read_text())['run_id']}/model"):
+        rows = predict(source, [str(p) for p in paths], top_k=len(names),
+                       tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        served = np.zeros_like(probabilities)
+        for row in rows:
+            served[paths.index(Path(row.path)), names.index(row.class_name)] = row.probability
+        np.testing.assert_allclose(served, probabilities, atol=1e-5, err_msg=source)
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        model = mlflow.pyfunc.load_model(f"runs:/{json.loads((run_dir / 'mlflow_run.json').read_text())['run_id']}/model")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    images = np.empty(len(paths), dtype=object)
+    images[:] = [np.asarray(Image.open(path).convert("RGB"), dtype="float32") for path in paths]
+    frame = model.predict(images)
+    np.testing.assert_allclose(np.stack(frame["probabilities"]), probabilities, atol=1e-5)
+    assert list(frame["class_name"]) == [names[i] for i in np.argmax(probabilities, axis=1)]
 
 
 def _manifest(tmp_path: Path, files, labels_of) -> Path:

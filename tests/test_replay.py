@@ -30,6 +30,17 @@ def test_a_target_outside_the_allowlist_is_refused_naming_the_key(stored):
         check_replay(stored)
 
 
+def test_scikit_learn_estimators_replay_but_not_the_rest_of_scikit_learn(stored):
+    stored["head"] = {"_target_": "pipeline.heads.SklearnHead", "estimator": {
+        "_target_": "sklearn.pipeline.Pipeline", "steps": [
+            ["scale", {"_target_": "sklearn.preprocessing.StandardScaler"}],
+            ["knn", {"_target_": "sklearn.neighbors.KNeighborsClassifier", "n_neighbors": 3}]]}}
+    check_replay(stored)
+    stored["head"]["estimator"]["steps"][0][1] = {"_target_": "sklearn.datasets.fetch_openml", "name": "x"}
+    with pytest.raises(ConfigError, match=r"head\.estimator\.steps\[0\]\[1\]\._target_='sklearn\.datasets\.fetch_openml'"):
+        check_replay(stored)
+
+
 def test_a_nested_loader_that_runs_code_is_refused(stored):
     stored["train"]["optimizer"] = {"_target_": "keras.saving.load_model", "filepath": "/x.keras", "safe_mode": False}
     with pytest.raises(ConfigError, match=r"train\.optimizer\._target_='keras\.saving\.load_model'"):

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ExportError
+from pipeline.estimators import SKOPS_FILE
 from pipeline.tracking import store
 
 # The pyfunc that MLflow runs to serve an export (logged as code, see that module).
 _MODEL_CODE = Path(__file__).parent.parent / "mlflow_model.py"
 # What serving the logged model needs: no pipeline code, just these.
 _MODEL_REQUIREMENTS = ("tensorflow", "numpy", "pandas")
+_ESTIMATOR_REQUIREMENTS = ("scikit-learn", "skops")  # a non-linear head=sklearn's, besides
 _NAME = "model"  # the run's MLflow model, `runs:/<run_id>/model`
 _WEIGHTS_TAG = "weights_sha256"  # on the logged model: the trained weights it serves
 
@@ -43,11 +45,18 @@ def log_model(client: Any, run_id: str, tracking_uri: str, export_root: Path, re
     from mlflow.models import Model
 
     root = Path(export_root)
-    if not (root / "saved_model" / "saved_model.pb").is_file():
+    if (root / SKOPS_FILE).is_file() and (root / "backbone" / "saved_model.pb").is_file():
+        # A scikit-learn head: the backbone's features through the classifier.
+        artifacts = {"backbone": root / "backbone", "estimator": root / SKOPS_FILE}
+        requirements = (*_MODEL_REQUIREMENTS, *_ESTIMATOR_REQUIREMENTS)
+    elif (root / "saved_model" / "saved_model.pb").is_file():
+        artifacts, requirements = {"saved_model": root / "saved_model"}, _MODEL_REQUIREMENTS
+    else:
         raise ExportError(
             f"{root} holds no saved_model/, which the MLflow model serves. Add it to the "
             "export, for example export.formats=[saved_model,tflite]."
         )
+    artifacts = {name: str(path) for name, path in {**artifacts, "labels": root / "labels.txt"}.items()}
     run = client.get_run(run_id)
     experiment_id = run.info.experiment_id
     weights = run.data.tags.get("weights_sha256", "")
@@ -67,10 +76,10 @@ def log_model(client: Any, run_id: str, tracking_uri: str, export_root: Path, re
                 run_id=run_id,
                 model_id=logged.model_id,
                 python_model=str(_MODEL_CODE),
-                artifacts={"saved_model": str(root / "saved_model"), "labels": str(root / "labels.txt")},
+                artifacts=artifacts,
                 signature=_model_signature(),
                 input_example=example,
-                pip_requirements=_requirements(),
+                pip_requirements=_requirements(requirements),
             )
         model_id = logged.model_id
     if register_as:
@@ -139,21 +148,38 @@ def load_model(model_uri: str, tracking_uri: str, allow_unsafe: bool = False):
             "URI (runs:/<run_id>/model, models:/<name>/<version>) and pass --tracking-uri "
             "or set MLFLOW_TRACKING_URI to the store the run was logged to."
         ) from error
-    saved_model, labels = local / "artifacts" / "saved_model", local / "artifacts" / "labels.txt"
+    artifacts = local / "artifacts"
+    saved_model, labels, estimator_file = artifacts / "saved_model", artifacts / "labels.txt", artifacts / SKOPS_FILE
+    if estimator_file.is_file():
+        saved_model = artifacts / "backbone"
     if not (saved_model / "saved_model.pb").is_file() or not labels.is_file():
         where.cleanup()
         raise ExportError(
             f"MLflow model {model_uri!r} is not an image classifier logged by this pipeline "
             "(no artifacts/saved_model or artifacts/labels.txt); use the URI of a run's `model`."
         )
-    serving = _serving_function(model_uri, saved_model, allow_unsafe)
-    class_names = labels.read_text().splitlines()
+    try:
+        serving = _serving_function(model_uri, saved_model, allow_unsafe)
+        class_names = labels.read_text().splitlines()
+        estimator = None
+        if estimator_file.is_file():
+            from pipeline.estimators import load_estimator
+
+            estimator = load_estimator(estimator_file.read_bytes(), f"MLflow model {model_uri!r}: {SKOPS_FILE}",
+                                       allow_unsafe)
+    except BaseException:
+        where.cleanup()
+        raise
 
     def probabilities(images):
         import tensorflow as tf
 
         outputs = serving(images=tf.constant(np.asarray(images, dtype="float32")))
-        return outputs["probabilities"].numpy().astype("float32")
+        if estimator is None:
+            return outputs["probabilities"].numpy().astype("float32")
+        from pipeline.estimators import estimator_probabilities
+
+        return estimator_probabilities(estimator, outputs["features"].numpy(), len(class_names), "multiclass")
 
     probabilities.files = where  # the SavedModel's assets stay on disk while it is in use
     return probabilities, class_names
@@ -200,7 +226,7 @@ def _model_signature():
     )
 
 
-def _requirements() -> list[str]:
+def _requirements(names) -> list[str]:
     from importlib import metadata
 
-    return [f"{name}=={metadata.version(name)}" for name in _MODEL_REQUIREMENTS]
+    return [f"{name}=={metadata.version(name)}" for name in names]
