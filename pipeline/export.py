@@ -95,6 +95,8 @@ class Exporter:
         """
         import numpy as np
 
+        from pipeline.estimator_layer import served_estimator
+
         destination = Path(destination)
         if destination.exists() and not replace:
             raise ExportError(
@@ -115,7 +117,7 @@ class Exporter:
             paths: dict[str, Path] = {}
             differences: dict[str, float] = {}
             accuracy_delta: dict[str, float] = {}
-            for name, writer in self._writers(adapted).items():
+            for name, writer in self._writers(served_estimator(adapted.model) is not None).items():
                 written = writer.write(adapted, data, staging, images, expected)
                 differences[name] = written.max_abs_diff
                 if not written.max_abs_diff <= writer.tolerance:  # also catches NaN
@@ -136,11 +138,13 @@ class Exporter:
             root=destination, paths=paths, max_abs_diff=differences, accuracy_delta=accuracy_delta
         )
 
-    def _writers(self, adapted: AdaptedModel) -> dict[str, Any]:
-        """One writer per requested format (`export.formats`, a checked list of names)."""
-        from pipeline.estimator_layer import served_estimator
+    def _writers(self, estimator: bool = False) -> dict[str, Any]:
+        """One writer per requested format (`export.formats`, a checked list of names).
 
-        if served_estimator(adapted.model) is not None:
+        `estimator`: the model ends in a scikit-learn estimator (`EstimatorLayer`), which
+        only `saved_model` (as `EstimatorFormat`) serves.
+        """
+        if estimator:
             others = [name for name in self.formats if name != "saved_model"]
             if others:
                 raise ConfigError(
