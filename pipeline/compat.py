@@ -1,14 +1,14 @@
-"""The only module that touches private APIs of Keras, Hydra and Optuna.
+"""The only module that touches private APIs of Keras and Hydra.
 
 Each patch here names the upstream issue it works around, and checks, before it touches
 anything, that the installed version still has what it patches: a release that renamed or
 removed it fails with `IncompatibleVersion` naming the patch and the installed version,
-instead of somewhere deep inside a training run. pyproject.toml pins Keras, hydra-core and
-Optuna to the minor versions these patches were tested with; tests/test_compat.py runs
-every check.
+instead of somewhere deep inside a training run. pyproject.toml pins Keras and hydra-core
+to the minor versions these patches were tested with; tests/test_compat.py runs every check.
+(Optuna is used through its public API only: hydra_plugins/pipeline_optuna_sweeper.)
 
-Keras, TensorFlow, Hydra and Optuna are imported inside the functions: config checks
-import this module before TensorFlow.
+Keras, TensorFlow and Hydra are imported inside the functions: config checks import this
+module before TensorFlow.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ VAR_KEY = "per-variable learning rates (keras-team/keras#11934)"
 KERAS_DOWNLOADS = "fail-fast Keras downloads (keras.utils.get_file has no timeout)"
 SAVED_MODEL_LAYER = "SavedModelLayer variable aliasing (tensorflow/tensorflow#65419)"
 JOB_ERROR = "sweep job errors (hydra-ecosystem/hydra#1377)"
-OPTUNA_SQLALCHEMY2 = "Optuna 2 storage on SQLAlchemy 2 (optuna/optuna#4375, hydra-ecosystem/hydra#2562)"
 
 
 def require(owner: Any, attribute: str, *, patch: str, package: str) -> Any:
@@ -249,45 +248,6 @@ def job_error(job_return: Any) -> BaseException | None:
     return require(job_return, "_return_value", patch=JOB_ERROR, package="hydra-core")
 
 
-# --- Optuna: persistent study storage on SQLAlchemy 2 ---------------------------------------
-# hydra-optuna-sweeper pins optuna<3 (hydra-ecosystem/hydra#2562), whose RDB storage stamps
-# its schema version on a connection it never commits; SQLAlchemy 2 (which `mlflow server`
-# needs) no longer autocommits, so a new storage fails its own version check
-# (optuna/optuna#4375, fixed in Optuna 3.1). Committing the stamp is the whole fix.
-# tests/test_sweeps.py::test_optuna_search_runs_trials_and_continues_its_stored_study covers it.
-
-
-def check_optuna_storage() -> Any:
-    """Optuna's `_VersionManager` when the patch applies (Optuna 2), else None."""
-    try:
-        import optuna
-    except ImportError:
-        return None
-    if not optuna.__version__.startswith("2."):
-        return None
-    storage = _import("optuna.storages._rdb.storage", patch=OPTUNA_SQLALCHEMY2, package="optuna")
-    manager = require(storage, "_VersionManager", patch=OPTUNA_SQLALCHEMY2, package="optuna")
-    for attribute in ("_set_alembic_revision", "_create_alembic_script"):
-        require(manager, attribute, patch=OPTUNA_SQLALCHEMY2, package="optuna")
-    return manager
-
-
-def patch_optuna_storage_for_sqlalchemy2() -> None:
-    """Let Optuna 2's persistent study storage work on SQLAlchemy 2."""
-    manager = check_optuna_storage()
-    if manager is None:
-        return
-    import alembic.migration
-
-    def _set_alembic_revision(self, revision: str) -> None:
-        with self.engine.begin() as connection:
-            alembic.migration.MigrationContext.configure(connection).stamp(
-                self._create_alembic_script(), revision
-            )
-
-    manager._set_alembic_revision = _set_alembic_revision
-
-
 # Every check, for tests/test_compat.py.
 CHECKS: tuple[Callable[[], Any], ...] = (
     check_multi_worker_build,
@@ -296,5 +256,4 @@ CHECKS: tuple[Callable[[], Any], ...] = (
     check_keras_downloads,
     check_saved_model_layer,
     check_job_error,
-    check_optuna_storage,
 )

@@ -45,6 +45,21 @@ class RunStopped(PipelineError):
     """
 
 
+class TrialPruned(Exception):
+    """An Optuna sweep's pruner stopped this trial after `epochs_completed` epochs: not an error.
+
+    Its MLflow run ends FINISHED with the tag `trial_state=PRUNED`, without evaluation or
+    export, and the sweeper tells the study PRUNED (`pipeline.trials`).
+    """
+
+    def __init__(self, message: str, epochs_completed: int = 0):
+        super().__init__(message, epochs_completed)  # both in `args`: it pickles across processes
+        self.epochs_completed = epochs_completed
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 _NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 _NO_PERMISSION = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
                   errno.EROFS: "read-only file system"}

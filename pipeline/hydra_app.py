@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from pipeline.errors import describe_write_fault, is_disk_full, write_fault
+from pipeline.errors import PipelineError, describe_write_fault, is_disk_full, write_fault
 from pipeline.files import LOCK_FILE
 
 log = logging.getLogger("pipeline")
@@ -33,6 +33,8 @@ def start_error(error: BaseException) -> str | None:
     )
     from omegaconf.errors import OmegaConfBaseException
 
+    if isinstance(error, PipelineError):  # raised by a sweeper of ours, before or between its jobs
+        return str(error)
     if isinstance(error, OverrideParseException):
         return (
             f"the override {error.override!r} is not valid override syntax ({_first_line(error.message)}): "

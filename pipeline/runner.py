@@ -29,6 +29,7 @@ from pipeline.errors import (
     ConfigError,
     PipelineError,
     RunStopped,
+    TrialPruned,
     describe_write_fault,
     is_disk_full,
     write_fault,
@@ -37,6 +38,7 @@ from pipeline.files import run_dir_lock
 from pipeline.hydra_app import start_error, tidy_run_dir
 from pipeline.resume import RUN_FILE, resume_target
 from pipeline.sweep import PARENT_RUN_ENV
+from pipeline.trials import TRIAL_STATE, TrialAddress, TrialReporter
 
 log = logging.getLogger("pipeline")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -63,14 +65,19 @@ def run(
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     stages = Stages.build(cfg)
     check = RerunCheck(rerun_of)
+    trial = _trial(cfg)  # None unless an Optuna sweep runs this job as a trial
     identity = provenance.config_fingerprint(resolved)
-    tags = {**provenance.environment_tags(), "config_sha256": identity, **_job_overrides(), **check.tags}
+    tags = {**provenance.environment_tags(), "config_sha256": identity, **_job_overrides(), **check.tags,
+            **(trial.tags if trial else {})}
     check.compare(tags)
+    finished = _finished_in_sweep(cfg, stages.tracking, identity)
+    if finished is not None:
+        return finished
     resumed = resume_target(cfg.get("resume"), stages.tracking, identity,
                             multi_worker=stages.train.strategy == "multi_worker")
     output_dir = resumed.run_dir if resumed else Path(cfg.output_dir)
 
-    chief = is_chief(stages.train.strategy)
+    chief = is_chief(stages.train.strategy, stages.train.cluster)
     with (
         _machine_faults(_places(resolved, output_dir), again=_again(cfg, output_dir)),
         _sigterm_as_interrupt() as stop_if_signalled,
@@ -82,11 +89,12 @@ def run(
             resume_run_id=resumed.run_id if resumed else None,
             parent_run_id=os.environ.get(PARENT_RUN_ENV),
         ) as tracked,
+        _trial_state(tracked, trial),
     ):
         _open_run_dir(output_dir, resolved, tracked, fresh=resumed is None)
         if on_run_dir is not None:
             on_run_dir(output_dir, resumed is not None)
-        trained = _train(stages, tracked, check, output_dir, resumed is not None)
+        trained = _train(stages, tracked, check, output_dir, resumed is not None, trial)
         stop_if_signalled()
         if trained is None:
             return {}  # non-chief workers train; the chief evaluates, exports and logs
@@ -145,12 +153,14 @@ def _open_run_dir(output_dir: Path, resolved: dict[str, Any], tracked, fresh: bo
         tracked.log_artifact(output_dir / "config.yaml")
 
 
-def _train(stages: Stages, tracked, check: RerunCheck, output_dir: Path, resuming: bool):
+def _train(stages: Stages, tracked, check: RerunCheck, output_dir: Path, resuming: bool,
+           trial: TrialReporter | None = None):
     """Load, adapt and train inside the strategy's scope; `(adapted, data, TrainResult)` on the chief.
 
     Under multi-worker training the model is rebuilt outside the scope with the trained
     weights (`local_copy`), since evaluation and export are not multi-worker safe. Returns
-    None on the other workers.
+    None on the other workers. A `trial` hears each epoch's metrics after MLflow does, and
+    stops training with `TrialPruned` when its study's pruner says so.
     """
     trainer = stages.train
     with trainer.distribute():
@@ -161,7 +171,8 @@ def _train(stages: Stages, tracked, check: RerunCheck, output_dir: Path, resumin
             tracked.log_skipped_files(data.skipped_files)
         adapted = _adapt(stages, data, tracked, check)
         checkpoints = output_dir / "checkpoints"
-        result = trainer.fit(adapted, data, on_epoch_end=tracked.log_epoch, checkpoint_dir=checkpoints,
+        on_epoch_end = trial.after(tracked.log_epoch) if trial else tracked.log_epoch
+        result = trainer.fit(adapted, data, on_epoch_end=on_epoch_end, checkpoint_dir=checkpoints,
                              resume=checkpoints if resuming else None)
         log.info("trained weights sha256: %s", result.weights_sha256)
         tracked.set_tags({"weights_sha256": result.weights_sha256, "feature_cache": result.feature_cache})
@@ -303,6 +314,61 @@ def _sigterm_as_interrupt() -> Iterator[Callable[[], None]]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _finished_in_sweep(cfg: DictConfig, tracking: Any, identity: str) -> dict[str, float] | None:
+    """A sweep run again (the same `-m` command after a kill): this job's metrics when its run
+    FINISHED in that sweep already, so it is not run again; None otherwise (`resume=never`,
+    outside a sweep, or not finished: then `resume=auto` continues a killed run as usual)."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent is None or cfg.get("resume") != "auto":
+        return None
+    found = tracking.finished_child(parent, identity)
+    if found is None:
+        return None
+    run_id, metrics = found
+    log.info("this job's run %s FINISHED in this sweep already: its results are reused, not run "
+             "again (resume=never runs it anew)", run_id)
+    return metrics
+
+
+def _trial(cfg: DictConfig) -> TrialReporter | None:
+    """This job's Optuna trial, reached through the study's storage, with the sweep's pruner
+    (`hydra.sweeper.pruner`); None when the job is not a trial."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    address = TrialAddress.from_env()
+    if address is None:
+        return None
+    pruner = HydraConfig.get().sweeper.get("pruner") if HydraConfig.initialized() else None
+    return TrialReporter.open(address, cfg.get("optimized_metric"), instantiate(pruner) if pruner else None)
+
+
+@contextmanager
+def _trial_state(tracked, trial: TrialReporter | None) -> Iterator[None]:
+    """Tags a trial's MLflow run with how the trial ended: `trial_state` COMPLETE, PRUNED or FAIL.
+
+    A pruned trial skips evaluation and export; its run records the epochs it completed and
+    ends FINISHED (the tracker lets `TrialPruned` through as a normal end), so `resume=auto`
+    never takes it for a killed run.
+    """
+    if trial is None:
+        yield
+        return
+    try:
+        yield
+    except TrialPruned as pruned:
+        tracked.log_metrics({"epochs_completed": float(pruned.epochs_completed)}, step=pruned.epochs_completed)
+        tracked.set_tags({TRIAL_STATE: "PRUNED"})
+        raise
+    except BaseException:
+        try:
+            tracked.set_tags({TRIAL_STATE: "FAIL"})
+        except Exception as error:  # the error that ended the run is the one to report
+            log.warning("could not tag the failed trial's run %s: %s", tracked.run_id, error)
+        raise
+    tracked.set_tags({TRIAL_STATE: "COMPLETE"})
+
+
 def _params(resolved: dict[str, Any]) -> dict[str, Any]:
     """What a training run logs as MLflow params: its config less Hydra's and `extract`'s keys."""
     return {k: v for k, v in _without_hydra(resolved).items() if k != "extract"}
@@ -333,7 +399,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
     In a multirun a failing job raises into Hydra, which keeps the error in the job's
     result and runs the other jobs; its MLflow run is FAILED with the traceback (KILLED when
-    stopped from outside: a signal, the disk, the store), and the sweep's report lists it. A single run ends a user's error (and Ctrl-C) with one
+    stopped from outside: a signal, the disk, the store), and the sweep's report lists it.
+    A trial that an Optuna sweep's pruner stopped raises `TrialPruned` the same way, for the
+    sweeper to tell the study; its run is FINISHED. A single run ends a user's error (and Ctrl-C) with one
     `error:` line and exit status 2, and removes Hydra's run directory if it stayed empty.
     """
     from hydra.core.hydra_config import HydraConfig

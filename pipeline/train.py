@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.distribute import Cluster
 from pipeline.features import FeatureCache
 from pipeline.types import AdaptedModel, DataBundle, TrainResult
 
@@ -44,7 +45,11 @@ class Trainer:
         steps_per_execution: train steps per call into TensorFlow; more cuts overhead on
             small models and accelerators.
         strategy: `default`, `one_device`, `mirrored` (all local GPUs), `multi_worker`
-            (reads TF_CONFIG) or `tpu`.
+            (the workers of `cluster`) or `tpu`.
+        cluster: where `multi_worker` finds its workers: `tf_config` (the TF_CONFIG variable,
+            as a Kubernetes TFJob sets it) or `slurm` (the tasks of the srun job step).
+        cluster_port: with `cluster=slurm`, the port of a node's first task (the next task
+            on that node takes the next port).
         feature_cache: while the backbone is frozen and nothing augments the data, compute
             its outputs once (cached on disk across epochs, runs and sweep jobs) and train
             the head on them.
@@ -79,6 +84,8 @@ class Trainer:
         jit_compile: bool | Literal["auto"] = "auto",
         steps_per_execution: int = 1,
         strategy: Strategy = "default",
+        cluster: Cluster = "tf_config",
+        cluster_port: int = 8888,
         feature_cache: bool = True,
         feature_cache_dir: str = "outputs/feature_cache",
         shuffle_buffer: int = 10_000,
@@ -100,6 +107,8 @@ class Trainer:
         self.jit_compile = jit_compile
         self.steps_per_execution = steps_per_execution
         self.strategy = strategy
+        self.cluster = cluster
+        self.cluster_port = cluster_port
         self.feature_cache = feature_cache
         self.feature_cache_dir = feature_cache_dir
         self.shuffle_buffer = shuffle_buffer
@@ -129,8 +138,9 @@ class Trainer:
 
         from pipeline.distribute import is_chief, make_strategy
 
-        self._strategy = make_strategy(self.strategy)  # first: multi-worker needs it early
-        self.is_chief = is_chief(self.strategy)
+        # First: a multi-worker strategy must exist before any other TensorFlow op.
+        self._strategy = make_strategy(self.strategy, self.cluster, self.cluster_port)
+        self.is_chief = is_chief(self.strategy, self.cluster)
         keras.utils.set_random_seed(self.seed)
         if self.deterministic:
             import tensorflow as tf

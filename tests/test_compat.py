@@ -146,16 +146,7 @@ def test_job_error_on_a_hydra_without_return_value(monkeypatch):
         compat.check_job_error()
 
 
-def test_optuna_storage_on_an_optuna_without_set_alembic_revision(monkeypatch):
-    from optuna.storages._rdb.storage import _VersionManager
-
-    monkeypatch.delattr(_VersionManager, "_set_alembic_revision")
-    with pytest.raises(IncompatibleVersion, match=r"Optuna 2 storage on SQLAlchemy 2.*"
-                                                  r"_set_alembic_revision.*optuna 2\."):
-        compat.patch_optuna_storage_for_sqlalchemy2()
-
-
-@pytest.mark.parametrize("package", ["keras", "hydra-core", "optuna", "hydra-optuna-sweeper"])
+@pytest.mark.parametrize("package", ["keras", "hydra-core"])
 def test_pyproject_pins_the_installed_version_of_each_patched_library(package):
     from packaging.requirements import Requirement
 

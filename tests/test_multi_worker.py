@@ -110,3 +110,75 @@ def test_two_workers_train_like_one_process_on_the_same_global_batch_and_only_th
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["weights_sha256"] == digests[0]
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 1 free: SlurmClusterResolver gives a node's tasks consecutive ports."""
+    for _ in range(50):
+        (port,) = _free_ports(1)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def test_slurm_cluster_two_tasks_on_one_node_train_together_and_only_rank_0_logs(tmp_path):
+    """What `srun --ntasks=2 python -m pipeline ... train.cluster=slurm` gives each task, on localhost."""
+    port = _free_port_pair()
+    base = {k: v for k, v in os.environ.items() if k != "TF_CONFIG" and not k.startswith("SLURM_")}
+    slurm = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2",
+             "SLURM_NTASKS": "2", "SLURM_JOB_ID": "4242"}
+    processes = {
+        f"task{rank}": _start(tmp_path, f"task{rank}", {**base, **slurm, "SLURM_PROCID": str(rank)},
+                              "train.strategy=multi_worker", "train.cluster=slurm", f"train.cluster_port={port}",
+                              "train.batch_size=32", "export.formats=[keras]")
+        for rank in range(2)
+    }
+    for process, log in processes.values():
+        try:
+            process.wait(timeout=400)
+        finally:
+            process.kill()
+            log.close()
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in processes}
+    assert [p.returncode for p, _ in processes.values()] == [0, 0], "\n".join(t[-2000:] for t in logs.values())
+    digests = [re.search(r"trained weights sha256: (\w+)", logs[f"task{i}"]).group(1) for i in range(2)]
+    assert digests[0] == digests[1]  # all-reduced: the two tasks were one cluster
+    # ... of two replicas: each optimizer step took 2 x 32 examples.
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(tmp_path / "task0" / "checkpoints" / "last.keras") as archive:
+        archive.extract("model.weights.h5", tmp_path)
+    with h5py.File(tmp_path / "model.weights.h5") as weights:
+        steps = int(weights["optimizer/vars/0"][()])  # the optimizer's iteration count
+    train_examples = int(re.search(r"data: \{'train': (\d+)", logs["task0"]).group(1))
+    assert steps == 2 * -(-train_examples // 64), (steps, train_examples)  # 2 epochs
+
+    assert (tmp_path / "task0" / "export").is_dir()
+    assert not (tmp_path / "task1" / "export").exists() and not (tmp_path / "task1" / "metrics.json").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("transfer").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["weights_sha256"] == digests[0]
+
+
+def test_a_missing_cluster_environment_is_a_one_line_config_error(monkeypatch):
+    from pipeline.distribute import make_strategy
+    from pipeline.errors import ConfigError
+
+    for name in ("TF_CONFIG", "SLURM_PROCID", "SLURM_STEP_NODELIST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "2")
+    expected = r"^train.cluster='slurm' needs .*; not set: SLURM_PROCID, SLURM_STEP_NODELIST\. Start one worker per task"
+    with pytest.raises(ConfigError, match=expected) as slurm:
+        make_strategy("multi_worker", "slurm")
+    with pytest.raises(ConfigError, match=r"train.cluster='tf_config' needs the TF_CONFIG") as tf_config:
+        make_strategy("multi_worker", "tf_config")
+    assert "\n" not in str(slurm.value) + str(tf_config.value)

@@ -55,17 +55,22 @@ def test_optuna_search_runs_trials_and_continues_its_stored_study(tmp_path):
     import optuna
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    for call in range(2):  # the second invocation continues the same study
+    # n_trials counts the study's trials in all: the second invocation adds two, the third none.
+    for call, n_trials in enumerate((2, 4, 4)):
         done = run_pipeline(
             tmp_path, "-m", "hparams_search=digits_optuna", f"hydra.sweep.dir={tmp_path / f'sweep{call}'}",
-            f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=2", "train.epochs=2",
+            f"hydra.sweeper.storage={storage}", f"hydra.sweeper.n_trials={n_trials}", "train.epochs=2",
         )
         assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 of n_trials=4 trials done" in done.stderr + done.stdout
     study = optuna.load_study(study_name="digits-transfer", storage=storage)
     assert len(study.trials) == 4
+    # train.epochs=2 ends every trial within the overlay's pruner warm-up (n_warmup_steps=2).
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert all(t.intermediate_values.keys() == {0, 1} for t in study.trials)  # each epoch reported
     child_runs = [r for r in runs(tmp_path) if "mlflow.parentRunId" in r.data.tags]
     assert len(child_runs) == 4
+    assert {r.data.tags["trial_state"] for r in child_runs} == {"COMPLETE"}
     # Each trial's value is its run's val_accuracy, and the study maximizes it.
     reported = sorted(r.data.metrics["val_accuracy"] for r in child_runs)
     assert sorted(t.value for t in study.trials) == pytest.approx(reported)
@@ -97,7 +102,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_run_logs_to_a_real_tracking_server(tmp_path):
+def test_four_parallel_jobs_log_to_a_real_tracking_server(tmp_path):
+    """The README's switch for jobs on several machines: tracking.uri=http://host:5000."""
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -114,17 +120,25 @@ def test_a_run_logs_to_a_real_tracking_server(tmp_path):
             except OSError:
                 time.sleep(0.5)
         done = subprocess.run(
-            [sys.executable, "-m", "pipeline", f"tracking.uri={uri}", "train.epochs=1", "train.verbose=0",
-             f"hydra.run.dir={tmp_path / 'run'}", f"train.feature_cache_dir={tmp_path / 'cache'}"],
+            [sys.executable, "-m", "pipeline", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
+             f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=0,1,2,3", f"tracking.uri={uri}", "train.epochs=1",
+             "train.verbose=0", "data.classes=[5,6]", "export.formats=[keras]",
+             f"train.feature_cache_dir={tmp_path / 'cache'}"],
             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
         )
         assert done.returncode == 0, done.stderr[-3000:]
         from mlflow.tracking import MlflowClient
 
         remote = MlflowClient(tracking_uri=uri)
-        (run,) = remote.search_runs([remote.get_experiment_by_name("transfer").experiment_id])
-        assert run.info.status == "FINISHED"
-        assert "metrics.json" in {a.path for a in remote.list_artifacts(run.info.run_id)}
+        everything = remote.search_runs([remote.get_experiment_by_name("transfer").experiment_id])
+        (parent,) = [r for r in everything if r.data.tags.get("sweep") == "true"]
+        children = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert parent.info.status == "FINISHED" and parent.data.metrics["jobs"] == 4
+        assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+        assert len({c.data.tags["pid"] for c in children}) > 1  # really in parallel processes
+        for child in children:  # artifacts went through the server (--artifacts-destination)
+            assert {"metrics.json", "export"} <= {a.path for a in remote.list_artifacts(child.info.run_id)}
+        assert any((tmp_path / "server-artifacts").rglob("metrics.json"))
         assert f"open {uri}/#/experiments" in done.stdout
     finally:
         server.terminate()

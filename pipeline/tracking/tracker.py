@@ -3,7 +3,7 @@
 A run is opened by `MlflowTracker.run(...)` and always closed with a final status:
 FINISHED, FAILED (with the traceback as an artifact) or KILLED: stopped for a reason outside
 the model (a signal, a full disk, a permission, the store itself), with the reason in its
-`killed_reason` tag. `resume=auto` continues KILLED runs, so the same command resumes them.
+`killed_reason` tag. A trial that a sweep's pruner stopped (`TrialPruned`) ends FINISHED. `resume=auto` continues KILLED runs, so the same command resumes them.
 A store that refuses a write raises TrackingError, naming the store and the fix.
 """
 
@@ -17,12 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError, outside_the_model
+from pipeline.errors import ConfigError, TrialPruned, outside_the_model
 from pipeline.tracking import model, report, store
 from pipeline.tracking.store import refusals
 
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
 KILLED_REASON = "killed_reason"  # tag of a KILLED run: why it stopped (removed when resumed)
+SWEEP_KEY = "sweep_sha256"  # tag of a sweep's parent run: the command that started the sweep
 log = logging.getLogger("pipeline")
 
 
@@ -203,6 +204,10 @@ class MlflowTracker:
                     client.log_batch(run.run_id, params=params_list[start : start + 100])
                 client.set_tag(run.run_id, "mlflow.source.type", "LOCAL")
             yield run
+        except TrialPruned:  # an Optuna sweep's pruner stopped the trial: a normal end, not resumable
+            with refusals(self.uri):
+                client.set_terminated(run.run_id, status="FINISHED")
+            raise
         except BaseException as error:
             reason = outside_the_model(error)
             if reason is None:
@@ -236,16 +241,64 @@ class MlflowTracker:
         return None
 
     def open_parent(self, name: str, tags: Mapping[str, str]) -> str:
-        """Create a sweep's parent run; its children name it in `mlflow.parentRunId`."""
+        """Create a sweep's parent run; its children name it in `mlflow.parentRunId`.
+
+        With a `sweep_sha256` tag (the command that started the sweep), the newest parent of
+        the same sweep that did not finish (killed, interrupted, or with failed jobs) and whose
+        process is gone is reopened instead: the same command continues its sweep.
+        """
+        from pipeline.provenance import is_alive
+
         client = self._client()
-        created = client.create_run(self._experiment_id(client), run_name=name, tags=dict(tags))
+        key = tags.get(SWEEP_KEY)
+        with refusals(self.uri):
+            experiment_id = self._experiment_id(client)
+            earlier = client.search_runs(
+                [experiment_id], filter_string=f"tags.{SWEEP_KEY} = '{key}'",
+                order_by=["attributes.start_time DESC"], max_results=1,
+            ) if key else []
+            for run in earlier:
+                status = run.info.status
+                if status == "FINISHED" or (status == "RUNNING" and is_alive(run.data.tags)):
+                    break  # done, or still running: a new sweep
+                client.update_run(run.info.run_id, status="RUNNING")
+                for tag in ("host", "pid", "command"):  # the process that owns it now
+                    if tag in tags:
+                        client.set_tag(run.info.run_id, tag, tags[tag])
+                log.info("continuing the sweep of parent run %s (%s before): jobs that finished "
+                         "there are not run again", run.info.run_id, status)
+                return run.info.run_id
+            created = client.create_run(experiment_id, run_name=name, tags=dict(tags))
         return created.info.run_id
 
+    def finished_child(self, parent_run_id: str, config_sha256: str) -> tuple[str, dict[str, float]] | None:
+        """`(run id, metrics)` of a FINISHED run of this config in sweep `parent_run_id`, if any.
+
+        A trial that a pruner stopped is not a result, so it does not count.
+        """
+        client = self._client()
+        with refusals(self.uri):
+            parent = client.get_run(parent_run_id)
+            runs = client.search_runs(
+                [parent.info.experiment_id],
+                filter_string=(f"tags.mlflow.parentRunId = '{parent_run_id}' AND "
+                               f"tags.config_sha256 = '{config_sha256}' AND attributes.status = 'FINISHED'"),
+                order_by=["attributes.start_time DESC"], max_results=10,
+            )
+        for run in runs:
+            if run.data.tags.get("trial_state") != "PRUNED":
+                return run.info.run_id, dict(run.data.metrics)
+        return None
+
     def close_parent(
-        self, run_id: str, objective: str | None, jobs: Sequence[Mapping[str, Any]]
+        self, run_id: str, objective: str | None, jobs: Sequence[Mapping[str, Any]], interrupted: bool = False
     ) -> report.SweepReport:
-        """Finish a sweep's parent run from its jobs' outcomes (`jobs.jsonl`) and its children."""
-        return report.close_sweep(self._client(), run_id, self.experiment, objective, jobs)
+        """Finish a sweep's parent run from its jobs' outcomes (`jobs.jsonl`) and its children.
+
+        `interrupted`: the sweep stopped before its last job; the parent ends KILLED (FAILED
+        if a job failed), so that the same command continues it.
+        """
+        return report.close_sweep(self._client(), run_id, self.experiment, objective, jobs, interrupted)
 
 
 def _end(client, run_id: str, status: str, reason: str | None) -> None:
