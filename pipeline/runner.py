@@ -38,6 +38,7 @@ from pipeline.files import run_dir_lock
 from pipeline.hydra_app import start_error, tidy_run_dir
 from pipeline.resume import RUN_FILE, resume_target
 from pipeline.sweep import PARENT_RUN_ENV
+from pipeline.timing import StageClock, since_process_start
 from pipeline.trials import TRIAL_STATE, TrialAddress, TrialReporter
 
 log = logging.getLogger("pipeline")
@@ -49,6 +50,7 @@ def run(
     cfg: DictConfig,
     rerun_of: tuple[str, Mapping[str, str]] | None = None,
     on_run_dir: Callable[[Path, bool], None] | None = None,
+    startup: float | None = None,
 ) -> dict[str, float]:
     """Run one experiment from a composed config; returns the final metrics.
 
@@ -60,8 +62,12 @@ def run(
             every recorded fact that differs now is logged as a warning.
         on_run_dir: called with the directory the run writes to, and whether it resumes an
             earlier run there, once the directory is locked and the MLflow run open.
+        startup: seconds from the process's start to this call, for `seconds_startup`.
     """
+    clock = StageClock(startup)
     resolved = config.validate(cfg)  # before TensorFlow is imported
+    with clock("imports"):  # TensorFlow and Keras, which building the stages needs: seconds of their own
+        import keras  # noqa: F401
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     stages = Stages.build(cfg)
     check = RerunCheck(rerun_of)
@@ -94,20 +100,26 @@ def run(
         _open_run_dir(output_dir, resolved, tracked, fresh=resumed is None)
         if on_run_dir is not None:
             on_run_dir(output_dir, resumed is not None)
-        trained = _train(stages, tracked, check, output_dir, resumed is not None, trial)
+        clock.add("setup", clock.elapsed())
+        trained = _train(stages, tracked, check, output_dir, resumed is not None, trial, clock)
         stop_if_signalled()
         if trained is None:
             return {}  # non-chief workers train; the chief evaluates, exports and logs
         adapted, data, result = trained
-        evaluation = stages.evaluate.evaluate(adapted, data, output_dir / "evaluation", result.history,
-                                              features=result.features)
+        with clock("evaluate"):
+            evaluation = stages.evaluate.evaluate(adapted, data, output_dir / "evaluation", result.history,
+                                                  features=result.features)
         stop_if_signalled()
         # A resumed run may have exported before it was killed (during the MLflow logging).
-        exported = stages.export.export(adapted, data, output_dir / "export", replace=resumed is not None)
+        with clock("export"):
+            exported = stages.export.export(adapted, data, output_dir / "export", replace=resumed is not None)
+        clock.move("verify", "export", exported.verify_seconds)
         stop_if_signalled()
         metrics = {**evaluation.metrics, "epochs_completed": float(result.epochs_completed), **exported.metrics}
-        model_uri = _record(tracked, output_dir, metrics, evaluation, exported, step=result.epochs_completed)
-    _print_summary(metrics, exported, tracked, model_uri)
+        with clock("mlflow"):
+            model_uri = _record(tracked, output_dir, metrics, evaluation, exported, step=result.epochs_completed)
+        tracked.log_metrics(clock.metrics(), step=result.epochs_completed)
+    _print_summary(metrics, exported, tracked, model_uri, clock)
     return metrics
 
 
@@ -154,7 +166,7 @@ def _open_run_dir(output_dir: Path, resolved: dict[str, Any], tracked, fresh: bo
 
 
 def _train(stages: Stages, tracked, check: RerunCheck, output_dir: Path, resuming: bool,
-           trial: TrialReporter | None = None):
+           trial: TrialReporter | None = None, clock: StageClock | None = None):
     """Load, adapt and train inside the strategy's scope; `(adapted, data, TrainResult)` on the chief.
 
     Under multi-worker training the model is rebuilt outside the scope with the trained
@@ -163,24 +175,30 @@ def _train(stages: Stages, tracked, check: RerunCheck, output_dir: Path, resumin
     stops training with `TrialPruned` when its study's pruner says so.
     """
     trainer = stages.train
+    clock = clock or StageClock()
     with trainer.distribute():
-        data = stages.data.load()
+        with clock("data"):
+            data = stages.data.load()
         log.info("data: %s examples, classes %s", data.num_examples, list(data.class_names))
         tracked.set_tags(check.compare({"data.fingerprint": data.fingerprint}))
         if data.skipped_files:
             tracked.log_skipped_files(data.skipped_files)
-        adapted = _adapt(stages, data, tracked, check)
+        with clock("source"):
+            adapted = _adapt(stages, data, tracked, check)
         checkpoints = output_dir / "checkpoints"
         on_epoch_end = trial.after(tracked.log_epoch) if trial else tracked.log_epoch
-        result = trainer.fit(adapted, data, on_epoch_end=on_epoch_end, checkpoint_dir=checkpoints,
-                             resume=checkpoints if resuming else None)
+        with clock("head_epochs"):
+            result = trainer.fit(adapted, data, on_epoch_end=on_epoch_end, checkpoint_dir=checkpoints,
+                                 resume=checkpoints if resuming else None)
+        clock.move("backbone_pass", "head_epochs", result.backbone_seconds)
         log.info("trained weights sha256: %s", result.weights_sha256)
         tracked.set_tags({"weights_sha256": result.weights_sha256, "feature_cache": result.feature_cache})
         weights = [v.numpy() for v in adapted.model.weights] if trainer.copies_to_evaluate else None
     if not trainer.is_chief:
         return None
     if weights is not None:
-        adapted = local_copy(lambda: _adapt(stages, data, tracked, check), weights)
+        with clock("source"):
+            adapted = local_copy(lambda: _adapt(stages, data, tracked, check), weights)
         result = replace(result, features=None)  # the copy is evaluated on the images themselves
     return adapted, data, result
 
@@ -378,7 +396,8 @@ def _without_hydra(resolved: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resolved.items() if k != "hydra"}
 
 
-def _print_summary(metrics: dict[str, float], exported, tracked, model_uri: str | None) -> None:
+def _print_summary(metrics: dict[str, float], exported, tracked, model_uri: str | None,
+                   clock: StageClock | None = None) -> None:
     headline = re.compile(r"test_(accuracy|loss|top_\d+_accuracy|macro_f1|roc_auc)")
     shown = {k: v for k, v in sorted(metrics.items()) if headline.fullmatch(k)}
     lines = [
@@ -390,6 +409,8 @@ def _print_summary(metrics: dict[str, float], exported, tracked, model_uri: str 
     if model_uri:
         lines.append(f"MLflow model: {model_uri}")
     lines.append(f"Look at it:   {tracked.ui_command}")
+    if clock is not None:
+        lines.append(f"Seconds:      {clock.line()} (MLflow metrics seconds_*)")
     print("\n".join(lines), flush=True)
 
 
@@ -411,7 +432,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     wrote_to: list[tuple[Path, bool]] = []
     try:
-        metrics = run(cfg, on_run_dir=lambda path, resumed: wrote_to.append((path, resumed)))
+        metrics = run(cfg, on_run_dir=lambda path, resumed: wrote_to.append((path, resumed)),
+                      startup=None if multirun else since_process_start())
     except PipelineError as error:
         log.error("%s", error)
         if multirun:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -178,6 +179,7 @@ class Trainer:
             UnfreezeCallback,
         )
 
+        self._backbone_seconds = 0.0  # set by _cached_features when it computes the cache
         global_batch, steps_per_epoch = self._steps(data)
         optimizer = self._optimizer(adapted, steps_per_epoch)
         self._compile(adapted.model, adapted, optimizer)
@@ -237,7 +239,7 @@ class Trainer:
         # The cached outputs still describe the model's backbone only if it never trained.
         head_only = features is not None and epochs <= cached_epochs
         return TrainResult(values, epochs, weights_sha256(adapted.model), cache_status,
-                           features if head_only else None)
+                           features if head_only else None, self._backbone_seconds)
 
     def _fit_head_once(self, adapted: AdaptedModel, data: DataBundle, on_epoch_end: EpochHook,
                        checkpoint_dir: Path | None, first_epoch: int, optimizer: Any) -> TrainResult:
@@ -294,7 +296,8 @@ class Trainer:
                 checkpoint.set_model(adapted.model)
                 checkpoint.set_params({"epochs": 1})
                 checkpoint.on_epoch_end(0)
-        return TrainResult(history, 1, weights_sha256(adapted.model), status, features if cached else None)
+        return TrainResult(history, 1, weights_sha256(adapted.model), status, features if cached else None,
+                           self._backbone_seconds)
 
     def _restore(self, adapted: AdaptedModel, checkpoint_dir: Path) -> int:
         """Load weights and optimizer state; replay the freeze schedule; the next epoch."""
@@ -349,8 +352,10 @@ class Trainer:
         An unwritable or full `train.feature_cache_dir` costs speed, never the run.
         """
         cache = FeatureCache(Path(self.feature_cache_dir))
+        start = time.perf_counter()
         try:
             features, hit = cache.load_or_compute(adapted.backbone, data)
+            self._backbone_seconds = 0.0 if hit else time.perf_counter() - start
         except OSError as error:
             reason = f"{type(error).__name__}: {error.strerror or error}"
             log.warning(

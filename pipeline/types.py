@@ -120,6 +120,8 @@ class TrainResult:
         features: when every epoch trained the head alone on cached backbone outputs, those
             outputs per split (`{"val": dataset of (features, label), ...}`), so that
             evaluation need not run the unchanged backbone again; otherwise None.
+        backbone_seconds: the wall time spent computing the feature cache (the backbone's
+            one pass over every split); 0 on a cache hit or without the cache.
     """
 
     history: dict[str, list[float]]
@@ -127,6 +129,7 @@ class TrainResult:
     weights_sha256: str = ""
     feature_cache: str = ""
     features: Mapping[str, Any] | None = None
+    backbone_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -139,12 +142,14 @@ class ExportResult:
             predictions and the in-memory model's on the test images.
         accuracy_delta: format name -> the artifact's accuracy minus the in-memory model's
             on the same images (`tflite`, where quantization may cost accuracy).
+        verify_seconds: of the export's wall time, what reloading and checking took.
     """
 
     root: Path
     paths: dict[str, Path]
     max_abs_diff: dict[str, float]
     accuracy_delta: dict[str, float] = field(default_factory=dict)
+    verify_seconds: float = 0.0
 
     @property
     def metrics(self) -> dict[str, float]:

@@ -89,6 +89,42 @@ def test_mlflow_has_params_epoch_metrics_final_metrics_tags_and_artifacts(defaul
     assert "export/saved_model" in exported and "export/labels.txt" in exported
 
 
+def test_the_run_logs_where_its_time_went(default_run):
+    tmp_path, done = default_run
+    _, run = _only_run(tmp_path)
+    seconds = {k.removeprefix("seconds_"): v for k, v in run.data.metrics.items() if k.startswith("seconds_")}
+    stages = {"startup", "imports", "setup", "data", "source", "head_epochs", "evaluate", "export", "verify",
+              "mlflow"}
+    assert stages <= set(seconds) and all(seconds[s] > 0 for s in stages), seconds
+    assert seconds["backbone_pass"] == 0  # freeze=none: the backbone runs inside the epochs, no cache
+    parts = sum(seconds[s] for s in stages)
+    assert parts <= seconds["total"] <= parts + 1.0  # the stages cover the run
+    assert seconds["fixed"] == pytest.approx(seconds["total"] - seconds["head_epochs"], abs=2e-3)
+    wall = (run.info.end_time - run.info.start_time) / 1000  # the MLflow run is inside the stages
+    assert wall < seconds["total"] + 1 < wall + seconds["startup"] + seconds["imports"] + seconds["setup"] + 2
+    assert "Seconds:      startup" in done.stdout
+
+
+def test_stage_clock_adds_moves_and_leaves_the_work_out_of_the_fixed_costs(monkeypatch):
+    from pipeline import timing
+
+    now = [100.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    clock = timing.StageClock(startup=2.0)
+    now[0] += 1.0
+    clock.add("setup", clock.elapsed())
+    with clock("head_epochs"):
+        now[0] += 10.0
+    clock.move("backbone_pass", "head_epochs", 6.0)
+    with clock("export"):
+        now[0] += 3.0
+    clock.move("verify", "export", 1.0)
+    assert clock.metrics() == {
+        "seconds_startup": 2.0, "seconds_setup": 1.0, "seconds_head_epochs": 4.0, "seconds_backbone_pass": 6.0,
+        "seconds_export": 2.0, "seconds_verify": 1.0, "seconds_fixed": 6.0, "seconds_total": 16.0,
+    }
+
+
 def test_run_dir_holds_metrics_json_config_and_a_serving_export(default_run):
     import tensorflow as tf
 

@@ -1,0 +1,222 @@
+"""A cold frozen run against its physical limit and against a hand-written script (issue 17).
+
+    python scripts/benchmark_cold_run.py           # 1500 JPEGs of 224x224, 10 epochs: about 20 min on 2 cores
+    python scripts/benchmark_cold_run.py --quick   # 300 JPEGs of 96x96 (the "small run"): about 5 min
+    python scripts/benchmark_cold_run.py --kinds keras_app,hub --num-images 600
+
+Each measurement is its own subprocess, one after the other, on the same synthetic JPEG
+folder (scripts/benchmark_input.py's generator, 5 classes) and the same backbone,
+`keras.applications.MobileNetV2` without its top (random weights: nothing is downloaded):
+
+1. **The backbone pass, per source kind.** For each of `keras_app`, `keras_file` (the same
+   network saved with `model.save`), `saved_model` (`model.export`) and `hub` (a tf_keras
+   MobileNetV2 saved with `tf.saved_model.save`, the TF Hub format): a plain loop a user
+   would write (`image_dataset_from_directory`, then `model.predict` on every image, the
+   model loaded as its kind is loaded by hand), beside the pipeline's own backbone pass
+   (`seconds_backbone_pass` of a one-epoch cold run with that source, which computes the
+   feature cache for all splits: the same images).
+2. **A cold frozen run**: `python -m pipeline freeze=all` with an empty feature cache, the
+   default export (SavedModel + MLflow model), `--epochs` epochs, next to
+   `scripts/plain_keras_transfer.py` (frozen; it runs the backbone in every epoch, as a
+   hand-written per-epoch script does) for the same epochs.
+3. **The same run warm**: the pipeline command again, on the cache the cold run left.
+
+For the pipeline's runs it prints the seconds per stage that the run logged itself
+(`seconds_*` MLflow metrics, `pipeline/timing.py`): start-up, imports, setup, data, source,
+backbone pass, head epochs, evaluation, export, verification and MLflow, and the fixed
+costs (everything but the backbone pass and the epochs). Wall times come from the parent
+(`time.perf_counter` around each subprocess), so they include the interpreter's start and
+exit. Nothing is asserted; the targets of issue 17 are printed next to the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+KINDS = ("keras_app", "keras_file", "saved_model", "hub")
+STAGES = ("startup", "imports", "setup", "data", "source", "backbone_pass", "head_epochs", "evaluate", "export",
+          "verify", "mlflow")
+CLASSES = 5
+
+
+def make_sources(work: Path, size: int) -> dict[str, list[str]]:
+    """The pipeline's `source` overrides for each kind, writing the files the kinds load."""
+    import keras
+    import tensorflow as tf
+    import tf_keras
+
+    shape = [size, size, 3]
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(input_shape=tuple(shape), include_top=False, weights=None,
+                                           pooling="avg")
+    model.save(work / "mobilenet.keras")
+    model.export(str(work / "mobilenet_savedmodel"), verbose=False)
+    hub_model = tf_keras.applications.MobileNetV2(input_shape=tuple(shape), include_top=False, weights=None,
+                                                  pooling="avg")
+    tf.saved_model.save(hub_model, str(work / "mobilenet_hub"))
+    size_key = f"source.input_shape=[{size},{size},3]"
+    return {
+        "keras_app": ["source=keras_app", "source.name=MobileNetV2", "source.weights=null", size_key],
+        "keras_file": ["source=keras_file", f"source.path={work / 'mobilenet.keras'}", "source.preprocess=tf"],
+        "saved_model": ["source=saved_model", f"source.path={work / 'mobilenet_savedmodel'}", size_key,
+                        "source.preprocess=tf"],
+        "hub": ["source=hub", f"source.handle={work / 'mobilenet_hub'}", size_key],
+    }
+
+
+def plain_predict(kind: str, work: Path, folder: Path, size: int, batch_size: int) -> None:
+    """A user's own loop over every image: the model of `kind` loaded by hand, `predict` on each batch."""
+    import keras
+    import tensorflow as tf
+
+    images = keras.utils.image_dataset_from_directory(
+        str(folder), labels=None, image_size=(size, size), batch_size=batch_size, shuffle=False)
+    if kind == "hub":
+        import tensorflow_hub as hub
+        import tf_keras
+
+        model = tf_keras.Sequential([tf_keras.Input((size, size, 3)),
+                                     hub.KerasLayer(str(work / "mobilenet_hub"))])
+        images = images.map(lambda x: x / 255.0)
+    else:
+        if kind == "keras_app":
+            model = keras.applications.MobileNetV2(input_shape=(size, size, 3), include_top=False, weights=None,
+                                                   pooling="avg")
+        elif kind == "keras_file":
+            model = keras.saving.load_model(work / "mobilenet.keras")
+        else:
+            loaded = tf.saved_model.load(str(work / "mobilenet_savedmodel"))  # kept: it owns the variables
+            served = tf.function(loaded.serve)
+            model = None
+        images = images.map(lambda x: x / 127.5 - 1.0)
+    start = time.perf_counter()
+    count = 0
+    if model is None:
+        for batch in images.prefetch(tf.data.AUTOTUNE):
+            count += int(served(batch).shape[0])
+    else:
+        count = len(model.predict(images.prefetch(tf.data.AUTOTUNE), verbose=0))
+    print(json.dumps({"images": count, "seconds": time.perf_counter() - start}), flush=True)
+
+
+def child(command: list[str], log: Path) -> tuple[float, str]:
+    """Runs `command`; its wall seconds and output (stdout then stderr, also kept in `log`)."""
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    log.write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:4])}... failed ({done.returncode}); see {log}:\n{done.stderr[-2000:]}")
+    return seconds, done.stdout
+
+
+def stage_seconds(db: Path) -> list[dict[str, float]]:
+    """The `seconds_*` metrics of each run in the store, in start order."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
+        runs = [r for (r,) in connection.execute("SELECT run_uuid FROM runs ORDER BY start_time")]
+        return [
+            {key.removeprefix("seconds_"): value for key, value in connection.execute(
+                "SELECT key, value FROM latest_metrics WHERE run_uuid=? AND key LIKE 'seconds_%'", (run,))}
+            for run in runs
+        ]
+
+
+def pipeline_command(work: Path, folder: Path, size: int, batch_size: int, source: list[str], cache: str,
+                     *overrides: str) -> list[str]:
+    return [
+        PYTHON, "-m", "pipeline", "data=image_folder", f"data.train_dir={folder}", f"data.image_size=[{size},{size}]",
+        *source, "freeze=all", f"train.batch_size={batch_size}", "train.verbose=0",
+        f"tracking.uri=sqlite:///{work}/mlflow.db", f"tracking.artifact_location={work}/mlruns",
+        f"train.feature_cache_dir={work}/{cache}", f"hydra.run.dir={work}/runs/{cache}-{time.time_ns()}",
+        *overrides,
+    ]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=1500)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--kinds", default=",".join(KINDS), help="source kinds whose backbone pass is compared")
+    parser.add_argument("--quick", action="store_true", help="300 images of 96x96")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--plain-predict", nargs=5, help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--make-sources", nargs=2, help=argparse.SUPPRESS)  # child mode
+    args = parser.parse_args(argv)
+    if args.plain_predict:
+        kind, work, folder, size, batch = args.plain_predict
+        return plain_predict(kind, Path(work), Path(folder), int(size), int(batch))
+    if args.make_sources:
+        work, size = args.make_sources
+        print(json.dumps(make_sources(Path(work), int(size))))
+        return None
+    if args.quick:
+        args.num_images, args.image_size = 300, 96
+    kinds = [k for k in args.kinds.split(",") if k]
+    work = Path(tempfile.mkdtemp(prefix="benchmark-cold-"))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark_input import synthetic_folder
+
+    size, batch = args.image_size, args.batch_size
+    folder = synthetic_folder(work / "images", args.num_images, (size, size), classes=CLASSES)
+    print(f"{args.num_images} JPEGs of {size}x{size} in {CLASSES} classes, MobileNetV2 (random weights), "
+          f"batch {batch}, {os.cpu_count()} CPUs; work directory {work}", flush=True)
+    _, out = child([PYTHON, __file__, "--make-sources", str(work), str(size)], work / "make_sources.log")
+    sources = json.loads(out.strip().splitlines()[-1])
+
+    print("\n1. the backbone pass over every image, per source kind (seconds)")
+    print(f"  {'kind':12} {'plain predict':>14} {'pipeline':>9} {'ratio':>6}")
+    for kind in kinds:
+        _, out = child([PYTHON, __file__, "--plain-predict", kind, str(work), str(folder), str(size), str(batch)],
+                       work / f"predict-{kind}.log")
+        plain = json.loads(out.strip().splitlines()[-1])["seconds"]
+        db = work / "mlflow.db"
+        before = len(stage_seconds(db)) if db.exists() else 0
+        child(pipeline_command(work, folder, size, batch, sources[kind], f"cache-{kind}", "train.epochs=1",
+                               "export=none"), work / f"pipeline-{kind}.log")
+        ours = stage_seconds(db)[before]["backbone_pass"]
+        print(f"  {kind:12} {plain:14.1f} {ours:9.1f} {ours / plain:6.2f}", flush=True)
+    print("  target: the pipeline within 10% of the plain predict (ratio <= 1.10)")
+
+    print(f"\n2. a frozen run of {args.epochs} epochs, keras_app source (seconds)")
+    plain_wall, _ = child([PYTHON, str(ROOT / "scripts" / "plain_keras_transfer.py"), str(folder),
+                           "--image-size", str(size), "--epochs", str(args.epochs), "--batch-size", str(batch),
+                           "--output", str(work / "plain.keras")], work / "plain.log")
+    runs = []
+    for name in ("cold", "warm"):
+        before = len(stage_seconds(work / "mlflow.db"))
+        wall, _ = child(pipeline_command(work, folder, size, batch, sources["keras_app"], "cache-run",
+                                         f"train.epochs={args.epochs}"), work / f"pipeline-{name}.log")
+        runs.append((name, wall, stage_seconds(work / "mlflow.db")[before]))
+    print(f"  {'stage':16} {'cold':>8} {'warm':>8}")
+    for stage in (*STAGES, "fixed", "total"):
+        print(f"  {stage:16} " + " ".join(f"{r[2].get(stage, 0.0):8.1f}" for r in runs))
+    print(f"  {'wall (process)':16} " + " ".join(f"{r[1]:8.1f}" for r in runs))
+    print(f"  plain script (wall): {plain_wall:.1f}")
+    for name, wall, _ in runs:
+        print(f"  pipeline {name} / plain script: {wall / plain_wall:.2f}")
+    print("  targets: fixed costs < 10 s; cold / plain <= 0.25 at 1500 images of 224x224, 10 epochs; "
+          "<= 1.0 for the small run (--quick)")
+    if args.keep:
+        print(f"\nkept {work}")
+    else:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return None
+
+
+if __name__ == "__main__":
+    main()
