@@ -195,6 +195,23 @@ def served(saved_model: Path, files=None, arrays=None):
     return np.stack(probabilities), names
 
 
+def pyfunc_on_files(tmp_path: Path, run_dir: Path, paths):
+    """The run's MLflow model, loaded as MLflow serves it (`mlflow.pyfunc`), on the files'
+    Pillow-decoded pixels: a DataFrame of `class_name`, `probability`, `probabilities`."""
+    import mlflow
+
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    images = np.empty(len(paths), dtype=object)  # differently sized images: an object array
+    images[:] = [np.asarray(Image.open(path).convert("RGB"), dtype="float32") for path in paths]
+    return model.predict(images)
+
+
 def sklearn_metrics(probabilities, labels, task: str, class_names, split: str = "test") -> dict[str, float]:
     """The pipeline's metric names, computed by scikit-learn from served probabilities."""
     from sklearn import metrics
@@ -326,20 +343,9 @@ def test_predict_on_the_test_folders_gives_the_reported_metrics(folder_ap):
 
 
 def test_the_mlflow_model_gives_the_reported_metrics(folder_ap):
-    import mlflow
-
     tmp_path, run_dir, files, names = folder_ap
-    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     paths, labels = zip(*files["test"])
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
-        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    finally:
-        mlflow.set_tracking_uri(previous)
-    images = np.empty(len(paths), dtype=object)  # differently sized images: an object array
-    images[:] = [np.asarray(Image.open(path).convert("RGB"), dtype="float32") for path in paths]
-    frame = model.predict(images)
+    frame = pyfunc_on_files(tmp_path, run_dir, paths)
     probabilities = np.stack(frame["probabilities"])
     assert list(frame["class_name"]) == [names[i] for i in np.argmax(probabilities, axis=1)]
     assert_reported(run_dir, sklearn_metrics(probabilities, labels, "multiclass", names))
@@ -363,7 +369,6 @@ def test_image_folder_crop_or_pad_binary_grayscale(tmp_path, sources):
 def test_a_nonlinear_sklearn_head_is_served_as_evaluated(tmp_path, sources):
     """An RBF SVC: the exported backbone and estimator.skops, put together by the oracle itself,
     by `pipeline.predict` (export directory and MLflow URI) and by the MLflow pyfunc."""
-    import mlflow
     import skops.io
     from scipy.special import softmax
 
@@ -399,15 +404,7 @@ def test_a_nonlinear_sklearn_head_is_served_as_evaluated(tmp_path, sources):
             served[paths.index(Path(row.path)), names.index(row.class_name)] = row.probability
         np.testing.assert_allclose(served, probabilities, atol=1e-5, err_msg=source)
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
-        model = mlflow.pyfunc.load_model(f"runs:/{json.loads((run_dir / 'mlflow_run.json').read_text())['run_id']}/model")
-    finally:
-        mlflow.set_tracking_uri(previous)
-    images = np.empty(len(paths), dtype=object)
-    images[:] = [np.asarray(Image.open(path).convert("RGB"), dtype="float32") for path in paths]
-    frame = model.predict(images)
+    frame = pyfunc_on_files(tmp_path, run_dir, paths)
     np.testing.assert_allclose(np.stack(frame["probabilities"]), probabilities, atol=1e-5)
     assert list(frame["class_name"]) == [names[i] for i in np.argmax(probabilities, axis=1)]
 
