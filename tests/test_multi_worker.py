@@ -51,6 +51,20 @@ def _trained(run_dir):
     return keras.saving.load_model(run_dir / "checkpoints" / "last.keras", compile=False)
 
 
+
+def _finished(tmp_path, processes) -> dict[str, str]:
+    """Waits for every `_start`ed process; their logs, after asserting that each exited 0."""
+    for process, log in processes.values():
+        try:
+            process.wait(timeout=400)
+        finally:
+            process.kill()
+            log.close()
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in processes}
+    assert [p.returncode for p, _ in processes.values()] == [0] * len(processes), \
+        "\n".join(t[-2000:] for t in logs.values())
+    return logs
+
 def test_two_workers_train_like_one_process_on_the_same_global_batch_and_only_the_chief_logs(tmp_path):
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     processes = {}
@@ -63,14 +77,7 @@ def test_two_workers_train_like_one_process_on_the_same_global_batch_and_only_th
     # The reference: one process, the same global batch, at the same time (the workers mostly wait).
     processes["reference"] = _start(tmp_path, "reference", dict(os.environ), "train.batch_size=64", "export=none",
                                     store="reference.db")
-    for process, log in processes.values():
-        try:
-            process.wait(timeout=400)
-        finally:
-            process.kill()
-            log.close()
-    logs = {name: (tmp_path / f"{name}.log").read_text() for name in processes}
-    assert [p.returncode for p, _ in processes.values()] == [0, 0, 0], "\n".join(t[-2000:] for t in logs.values())
+    logs = _finished(tmp_path, processes)
 
     digests = [re.search(r"trained weights sha256: (\w+)", logs[f"worker{i}"]).group(1) for i in range(2)]
     assert digests[0] == digests[1]
@@ -137,14 +144,7 @@ def test_slurm_cluster_two_tasks_on_one_node_train_together_and_only_rank_0_logs
                               "train.batch_size=32", "export.formats=[keras]")
         for rank in range(2)
     }
-    for process, log in processes.values():
-        try:
-            process.wait(timeout=400)
-        finally:
-            process.kill()
-            log.close()
-    logs = {name: (tmp_path / f"{name}.log").read_text() for name in processes}
-    assert [p.returncode for p, _ in processes.values()] == [0, 0], "\n".join(t[-2000:] for t in logs.values())
+    logs = _finished(tmp_path, processes)
     digests = [re.search(r"trained weights sha256: (\w+)", logs[f"task{i}"]).group(1) for i in range(2)]
     assert digests[0] == digests[1]  # all-reduced: the two tasks were one cluster
     # ... of two replicas: each optimizer step took 2 x 32 examples.
