@@ -112,7 +112,8 @@ def run(
         stop_if_signalled()
         # A resumed run may have exported before it was killed (during the MLflow logging).
         with clock("export"):
-            exported = stages.export.export(adapted, data, output_dir / "export", replace=resumed is not None)
+            exported = stages.export.export(adapted, data, output_dir / "export", replace=resumed is not None,
+                                           features=result.features)
         clock.move("verify", "export", exported.verify_seconds)
         stop_if_signalled()
         metrics = {**evaluation.metrics, "epochs_completed": float(result.epochs_completed), **exported.metrics}

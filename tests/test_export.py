@@ -474,3 +474,36 @@ def test_onnx_without_its_packages_names_the_extra(exported, tmp_path, monkeypat
     with pytest.raises(ExportError, match=r'pip install -e "\.\[onnx\]"'):
         Exporter(formats=["onnx"]).export(adapted, _data(_images()), tmp_path / "export")
     assert not (tmp_path / "export").exists() and not _partials(tmp_path)
+
+
+def _cached_features(adapted, data):
+    """What the feature cache holds for `data`: the backbone's outputs per split, with labels."""
+    import tensorflow as tf
+
+    def split(dataset):
+        images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in dataset])
+        return tf.data.Dataset.from_tensor_slices((adapted.backbone.predict(np.stack(images), verbose=0),
+                                                   np.stack(labels)))
+
+    return {name: split(getattr(data, name)) for name in ("train", "val", "test")}
+
+
+def test_with_the_feature_cache_the_export_is_checked_against_the_head_on_it(hub_model_dir, tmp_path):
+    adapted = _adapted(hub_model_dir)
+    _spread(adapted, seed=4)
+    data = _data(_images())
+    features = _cached_features(adapted, data)
+
+    def whole_model_pass(*args, **kwargs):
+        raise AssertionError("the whole model ran: the cached features were not used")
+
+    adapted.model.predict = whole_model_pass
+    result = Exporter().export(adapted, data, tmp_path / "export", features=features)
+    assert result.max_abs_diff["saved_model"] < 1e-5
+
+    # Features that are not the exported backbone's (what evaluation would then have
+    # scored) fail the check instead of passing it.
+    wrong = {name: dataset.map(lambda f, y: (f * 0.0 + 1.0, y)) for name, dataset in features.items()}
+    with pytest.raises(ExportError, match="differ from the in-memory model"):
+        Exporter().export(adapted, data, tmp_path / "wrong", features=wrong)
+    assert not (tmp_path / "wrong").exists()
