@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from pipeline.errors import DataError
-from pipeline.types import AdaptedModel, SourceModel, Task
+from pipeline.types import AdaptedModel, InputKind, SourceModel, Task
 
 
 class Head(Protocol):
@@ -24,21 +24,27 @@ def adapt(
     input_shape: tuple[int, ...],
     task: Task,
     resizable: bool = True,
+    input_kind: InputKind = "image",
 ) -> AdaptedModel:
-    """Build `head(backbone(images))` for the target task.
+    """Build `head(backbone(inputs))` for the target task.
 
     Args:
-        input_shape: the shape of the data's images; must be what the source takes.
+        input_shape: the shape of the data's images (`()` for text); must be what the
+            source takes.
         resizable: whether the data option sets its image size (`data.image_size`,
             `data.channels`); the mismatch error only suggests keys that exist.
+        input_kind: what the data gives, `image` or `text`; must be what the source takes.
     """
     import keras
 
+    from pipeline.sources.backbone import model_input
+
+    check_input_kind(source, input_kind)
     check_input_shape(source, input_shape, resizable)
     frozen = freeze.apply(source.backbone)
     head_model = head.build(source.feature_shape, len(class_names), task)
-    images = keras.Input(shape=source.input_shape, name="images")
-    model = keras.Model(images, head_model(source.backbone(images)), name="transfer")
+    inputs = model_input(source.input_kind, source.input_shape)
+    model = keras.Model(inputs, head_model(source.backbone(inputs)), name="transfer")
     return AdaptedModel(
         model=model,
         backbone=source.backbone,
@@ -47,6 +53,20 @@ def adapt(
         class_names=tuple(class_names),
         freeze=frozen,
         fit_head=getattr(head, "fit", None),
+    )
+
+
+def check_input_kind(source: SourceModel, input_kind: InputKind) -> None:
+    """Raises DataError, naming the keys that fix it, unless the source takes what the data gives."""
+    if input_kind == source.input_kind:
+        return
+    if input_kind == "text":
+        fix = ("choose a source that takes strings, for example source=hub_text source.handle=<a TF Hub "
+               "text module>, or image data")
+    else:
+        fix = "choose an image source (source=hub, keras_app, ...), or text data (data=text_folder)"
+    raise DataError(
+        f"the data gives {input_kind} but the source ({source.description}) takes {source.input_kind}: {fix}."
     )
 
 

@@ -64,8 +64,18 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     except Exception as error:  # omegaconf raises several types, all with the key in them
         raise ConfigError(f"config could not be resolved: {error}") from error
     _check_node(resolved, prefix="")
+    _check_text_data(resolved.get("data") or {})
     _check_combination(resolved)
     return resolved
+
+
+def _check_text_data(data: Mapping[str, Any]) -> None:
+    """Values of the text data keys that their types cannot rule out: an encoding Python
+    does not know (`data.encoding=utf8x`), `data.max_chars` below 1."""
+    if "encoding" in data or data.get("max_chars") is not None:
+        from pipeline.data.text import text_settings  # no TensorFlow
+
+        text_settings(data.get("encoding", "utf-8"), data.get("max_chars"))
 
 
 def _check_combination(resolved: Mapping[str, Any]) -> None:

@@ -5,14 +5,15 @@ client that will read it and compared with the in-memory model there, and only t
 into place: a crash or a failed check never leaves half an export where a user would look.
 
 The export directory holds `labels.txt` (one class name per line, in probability order),
-`input_example.npy` (two raw images, for `saved_model_cli run` and MLflow) and one entry
-per format: `saved_model/`, `model.keras`, `model.tflite`, `model.onnx`. A non-linear
+`input_example.npy` (two raw images, for `saved_model_cli run` and MLflow; for a text model
+`input_example.json`, two texts) and one entry per format: `saved_model/`, `model.keras`, `model.tflite`, `model.onnx`. A non-linear
 scikit-learn head is exported as `backbone/` (a SavedModel giving features) and
 `estimator.skops` instead (`EstimatorFormat`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -34,6 +35,7 @@ Format = Literal["saved_model", "keras", "tflite", "onnx"]
 FORMATS: tuple[str, ...] = get_args(Format)
 # The gap TFLite's own kernels leave, by quantization, when export.tflite_tolerance is null.
 TFLITE_TOLERANCE = {"none": 1e-4, "float16": 1e-2, "int8": 0.25}
+TEXT_EXAMPLE = "input_example.json"  # a text model's two example texts, a JSON list
 _BYTES_CHECKED = 16  # images sent through serving_uint8 and serving_bytes in the check
 
 
@@ -115,6 +117,7 @@ class Exporter:
         destination.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(destination.parent, f".{destination.name}-partial-*")  # of killed runs
         start = time.perf_counter()
+        self.check_input(data.input_kind)
         images, labels, expected = _expected(adapted, data, self.verify_examples, features)
         verify_seconds = time.perf_counter() - start
         # mkdir, not tempfile.mkdtemp: mkdtemp's 0700 mode would follow the export into place
@@ -123,7 +126,10 @@ class Exporter:
         staging.mkdir()
         try:
             (staging / "labels.txt").write_text("\n".join(map(str, adapted.class_names)) + "\n")
-            np.save(staging / "input_example.npy", images[:2])
+            if data.input_kind == "text":
+                (staging / TEXT_EXAMPLE).write_text(json.dumps([_text(x) for x in images[:2]]) + "\n")
+            else:
+                np.save(staging / "input_example.npy", images[:2])
             paths: dict[str, Path] = {}
             differences: dict[str, float] = {}
             accuracy_delta: dict[str, float] = {}
@@ -149,6 +155,21 @@ class Exporter:
             root=destination, paths=paths, max_abs_diff=differences, accuracy_delta=accuracy_delta,
             verify_seconds=verify_seconds,
         )
+
+    def check_input(self, input_kind: str) -> None:
+        """Fails, before any training, when a requested format cannot hold a model of this input.
+
+        Text models export as SavedModel and `.keras`; TFLite and ONNX convert fixed-size
+        image graphs, and a tokenizer's string ops do not convert.
+        """
+        if input_kind != "text":
+            return
+        refused = [name for name in self.formats if name in ("tflite", "onnx")]
+        if refused:
+            raise ConfigError(
+                f"export.formats={self.formats!r}: {', '.join(refused)} cannot hold a text model (its "
+                "tokenizer's string ops do not convert); use export.formats=[saved_model] or [saved_model,keras]"
+            )
 
     def _writers(self, estimator: bool = False) -> dict[str, Any]:
         """One writer per requested format (`export.formats`, a checked list of names).
@@ -211,10 +232,13 @@ class SavedModelFormat:
 
         path = write_saved_model(
             adapted.model, adapted.class_names, adapted.task, data.input_shape, data.resize,
-            staging / "saved_model", max_pixels=data.max_pixels,
+            staging / "saved_model", max_pixels=data.max_pixels, input_kind=data.input_kind,
         )
         start = time.perf_counter()
         signatures = tf.saved_model.load(str(path)).signatures
+        if data.input_kind == "text":
+            actual = signatures["serving_default"](text=tf.constant(images))["probabilities"].numpy()
+            return Written(path, _max_abs_diff(actual, expected), actual, time.perf_counter() - start)
         actual = signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()
         difference = _max_abs_diff(actual, expected)
         # Whole pixel values, as decoders give them, through the uint8 and file signatures,
@@ -257,7 +281,7 @@ class EstimatorFormat:
         layer = served_estimator(adapted.model)
         path = write_saved_model(
             feature_model(adapted), adapted.class_names, adapted.task, data.input_shape, data.resize,
-            staging / "backbone", max_pixels=data.max_pixels, features=True,
+            staging / "backbone", max_pixels=data.max_pixels, features=True, input_kind=data.input_kind,
         )
         (staging / SKOPS_FILE).write_bytes(layer.saved)
         start = time.perf_counter()
@@ -266,11 +290,14 @@ class EstimatorFormat:
         count = len(adapted.class_names)
 
         def served(signature, batch):
-            features = signatures[signature](images=batch)["features"].numpy()
+            name = "text" if data.input_kind == "text" else "images"
+            features = signatures[signature](**{name: batch})["features"].numpy()
             return estimator_probabilities(estimator, features, count, "multiclass")
 
         actual = served("serving_default", tf.constant(images))
         difference = _max_abs_diff(actual, expected)
+        if data.input_kind == "text":
+            return Written(path, difference, actual, time.perf_counter() - start)
         pixels = np.clip(np.round(images[:_BYTES_CHECKED]), 0, 255).astype("uint8")
         wanted = served("serving_default", tf.constant(pixels.astype("float32")))  # checked just above
         difference = max(difference, _max_abs_diff(served("serving_uint8", tf.constant(pixels)), wanted))
@@ -297,10 +324,10 @@ class KerasFormat:
         from pipeline.sources.graph_check import trusted_graphs
 
         path = staging / "model.keras"
-        serving_model(adapted.model, data.input_shape, data.resize).save(path)
+        serving_model(adapted.model, data.input_shape, data.resize, data.input_kind).save(path)
         start = time.perf_counter()
         with trusted_graphs():  # this process wrote it, from the source the user named
-            actual = keras.saving.load_model(path, compile=False).predict(images, verbose=0)
+            actual = keras.saving.load_model(path, compile=False).predict(_batch(images), verbose=0)
         actual = _class_probabilities(actual, adapted.task)
         return Written(path, _max_abs_diff(actual, expected), actual, time.perf_counter() - start)
 
@@ -416,7 +443,7 @@ def _expected(adapted: AdaptedModel, data: DataBundle, count: int, features: Map
         log.warning("export: the cached features are not in the images' order; checking against the "
                     "whole model instead")
     images, labels = _verification_set(data, count)
-    return images, labels, _class_probabilities(adapted.model.predict(images, verbose=0), adapted.task)
+    return images, labels, _class_probabilities(adapted.model.predict(_batch(images), verbose=0), adapted.task)
 
 
 def _verification_set(data: DataBundle, count: int):
@@ -428,6 +455,18 @@ def _verification_set(data: DataBundle, count: int):
     if not batches:
         raise ExportError("the data has no images at all, so no export can be verified")
     return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
+
+
+def _batch(inputs):
+    """What Keras' `predict` takes: numpy images as they are, texts as a string tensor (it
+    refuses numpy's object arrays of bytes in some versions)."""
+    import tensorflow as tf
+
+    return tf.constant(inputs) if inputs.dtype == object else inputs
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _max_abs_diff(actual, expected) -> float:
@@ -460,6 +499,9 @@ class NoExport:
         >>> NoExport().export(adapted, data, Path("run/export")).paths
         {}
     """
+
+    def check_input(self, input_kind: str) -> None:
+        """Nothing is written, so every input kind is fine."""
 
     def export(
         self, adapted: AdaptedModel, data: DataBundle, destination: Path, replace: bool = False,

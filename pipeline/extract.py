@@ -173,7 +173,7 @@ def extract_features(cfg: Any) -> tuple[Extracted, Any]:
     data, source, a data/source mismatch) raises before the backbone runs.
     """
     from pipeline import config, provenance
-    from pipeline.adapt import check_input_shape
+    from pipeline.adapt import check_input_kind, check_input_shape
     from pipeline.features import backbone_fingerprint
     from pipeline.files import run_dir_lock
 
@@ -191,6 +191,7 @@ def extract_features(cfg: Any) -> tuple[Extracted, Any]:
     log.info("data: %s examples, classes %s", data.num_examples, list(data.class_names))
     source = source_option.load()
     log.info("source: %s, features %s", source.description, source.feature_shape)
+    check_input_kind(source, data.input_kind)
     check_input_shape(source, data.input_shape, data.resizable)
 
     output_dir = Path(cfg.output_dir)

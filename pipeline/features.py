@@ -49,6 +49,9 @@ def backbone_fingerprint(backbone: Any) -> str:
         for key in ("mode", "handle", "signature", "output_key"):  # preprocessing, SavedModels
             if hasattr(layer, key):
                 config[key] = str(getattr(layer, key))
+        for key in ("preprocessor", "seq_length"):  # a text model's tokenizing (absent: earlier keys hold)
+            if getattr(layer, key, None) is not None:
+                config[key] = str(getattr(layer, key))
         digest.update(json.dumps(config, sort_keys=True).encode())
     for variable in backbone.weights:
         digest.update(str(tuple(variable.shape)).encode())

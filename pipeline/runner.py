@@ -181,6 +181,7 @@ def _train(stages: Stages, tracked, check: RerunCheck, output_dir: Path, resumin
         with clock("data"):
             data = stages.data.load()
         log.info("data: %s examples, classes %s", data.num_examples, list(data.class_names))
+        stages.export.check_input(data.input_kind)  # a format that cannot hold it: before training
         tracked.set_tags(check.compare({"data.fingerprint": data.fingerprint}))
         if data.skipped_files:
             tracked.log_skipped_files(data.skipped_files)
@@ -220,7 +221,7 @@ def _adapt(stages: Stages, data, tracked, check: RerunCheck):
     log.info("source: %s, features %s", source.description, source.feature_shape)
     tracked.set_tags(check.compare({"source.fingerprint": backbone_fingerprint(source.backbone)}))
     return adapt(source, head=stages.head, freeze=stages.freeze, class_names=data.class_names,
-                 input_shape=data.input_shape, task=data.task, resizable=data.resizable)
+                 input_shape=data.input_shape, task=data.task, resizable=data.resizable, input_kind=data.input_kind)
 
 
 def _record(tracked, output_dir: Path, metrics: dict[str, float], evaluation, exported, step: int) -> str | None:

@@ -10,6 +10,9 @@ each probability column):
 - `serving_bytes`: `images`, a string `[batch]` of encoded JPEG, PNG, BMP, GIF or WebP files
   (models on 1 or 3 channels).
 
+A text model has one signature, `serving_default`: `text`, a string `[batch]` of raw UTF-8
+texts, with the same outputs; its tokenizer is part of the model.
+
 Every image takes the data stage's own pixel path (`pipeline.data.decode`): files are decoded
 by `decode_bytes`, pixels of another size or channel count go through `serving_pixels`, so
 they are resized by the `data.resize` policy the model was trained and evaluated with.
@@ -21,16 +24,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.types import Task
+from pipeline.types import InputKind, Task
 
 
-def serving_model(model: Any, input_shape: tuple[int, ...], resize: str) -> Any:
+def serving_model(model: Any, input_shape: tuple[int, ...], resize: str, input_kind: InputKind = "image") -> Any:
     """`model` behind the data stage's pixel path: raw pixels of any size and channels in.
 
     The exported `.keras` file is this model; the SavedModel's float and uint8 signatures
-    call it. At the training size it computes exactly what `model` does.
+    call it. At the training size it computes exactly what `model` does. A text model
+    takes raw strings already and is served as it is.
     """
     import keras
+
+    if input_kind == "text":
+        return model
 
     from pipeline.data.layers import ServingImages
 
@@ -48,6 +55,7 @@ def write_saved_model(
     path: Path,
     max_pixels: int = 100_000_000,
     features: bool = False,
+    input_kind: InputKind = "image",
 ) -> Path:
     """Writes `model` (raw 0-255 images of `input_shape` -> head outputs) with the signatures above.
 
@@ -55,21 +63,33 @@ def write_saved_model(
     (an InvalidArgumentError naming the limit), before decoding it. With `features=True`
     `model` ends before the classifier, and each signature returns its output as `features`
     instead (the backbone a scikit-learn head's export serves, see `pipeline.estimators`).
+    A text model (`input_kind="text"`) gets `serving_default` on a batch of strings.
     """
     import tensorflow as tf
+
+    names = tf.constant([str(name) for name in class_names])
+
+    def outputs_of(outputs):
+        return {"features": outputs} if features else _outputs(outputs, names, task)
+
+    if input_kind == "text":
+        def serve_text(text):
+            return outputs_of(model(text, training=False))
+
+        signatures = {"serving_default": tf.function(
+            serve_text, input_signature=[tf.TensorSpec((None,), tf.string, name="text")], autograph=False)}
+        tf.saved_model.save(_served_module(model, signatures), str(path), signatures=signatures)
+        return Path(path)
 
     from pipeline.data.decode import decode_bytes, declared_pixels, serving_pixels
 
     height, width, channels = input_shape
-    names = tf.constant([str(name) for name in class_names])
 
     # The model is traced once, at its own input size; the endpoints call that one function
     # (a call op, not a copy of the graph), so writing and loading trace the network once.
     @tf.function(input_signature=[tf.TensorSpec((None, *input_shape), tf.float32)], autograph=False)
     def outputs_at_size(images):
-        if features:
-            return {"features": model(images, training=False)}
-        return _outputs(model(images, training=False), names, task)
+        return outputs_of(model(images, training=False))
 
     def serve_float(images):
         return outputs_at_size(serving_pixels(images, input_shape, resize))
@@ -127,8 +147,8 @@ def _served_module(model: Any, signatures: dict[str, Any]) -> Any:
             captured[id(variable)] = variable
     module = tf.Module(name="served")
     module.model_variables = list(captured.values())
-    module.saved_models = [layer.loaded for layer in _all_layers(model)
-                           if isinstance(layer, SavedModelLayer) and layer.loaded is not None]
+    module.saved_models = [loaded for layer in _all_layers(model) if isinstance(layer, SavedModelLayer)
+                           for loaded in layer.loaded_models]
     for name, signature in signatures.items():
         setattr(module, name, signature)
     return module

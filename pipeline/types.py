@@ -13,6 +13,9 @@ from typing import Any, Literal
 
 Task = Literal["multiclass", "multilabel", "binary"]
 Preprocess = Literal["caffe", "tf", "torch", "unit", "none"]
+# What a model takes and a data option gives: images (`input_shape` is `(height, width,
+# channels)`, float32 0-255 pixels) or text (`input_shape` is `()`: one tf.string per example).
+InputKind = Literal["image", "text"]
 
 
 @dataclass(frozen=True)
@@ -20,10 +23,11 @@ class DataBundle:
     """What the data stage produces.
 
     Args:
-        train, val, test: unbatched `tf.data.Dataset`s of `(image, label)`; images are raw
-            float32 pixels in 0-255 of `input_shape`, labels integer class indices.
+        train, val, test: unbatched `tf.data.Dataset`s of `(input, label)`; for images,
+            raw float32 pixels in 0-255 of `input_shape`; for text, one scalar tf.string
+            (UTF-8); labels integer class indices.
         class_names: the label of each class index, in a stable order.
-        input_shape: `(height, width, channels)` of one image.
+        input_shape: `(height, width, channels)` of one image; `()` for text.
         task: the kind of labels; decides the head's activation and the loss. Labels are
             int class indices for `multiclass` and `binary` (0/1), and multi-hot float
             vectors of length `num_classes` for `multilabel`.
@@ -44,6 +48,8 @@ class DataBundle:
             when the dataset keeps its order (`data.deterministic=true`): the file read
             (`image_folder`, `csv`), `<file>:<record index>` (`tfrecord`), the index in
             scikit-learn's data set (`digits`). A split without ids is numbered `0..n-1`.
+        input_kind: `image` or `text` (`InputKind`); text options set `resizable=False`
+            and give no augmentation.
     """
 
     train: Any
@@ -60,6 +66,7 @@ class DataBundle:
     max_pixels: int = 100_000_000
     resizable: bool = True
     example_ids: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    input_kind: InputKind = "image"
 
     @property
     def num_classes(self) -> int:
@@ -71,12 +78,13 @@ class SourceModel:
     """What the load stage produces: the pre-trained backbone, ready to put under a head.
 
     Args:
-        backbone: a Keras 3 model from raw 0-255 images of `input_shape` to features; the
-            source's preprocessing is its first layer.
-        input_shape: the image shape the backbone takes.
+        backbone: a Keras 3 model from raw 0-255 images of `input_shape` (or a batch of
+            strings, for text) to features; the source's preprocessing is its first layer.
+        input_shape: the image shape the backbone takes; `()` for text.
         feature_shape: the shape of one feature output (without the batch axis).
         preprocess: the preprocessing baked into the backbone (`unit`, `tf`, ...).
         description: where it came from, for logs (`hub:/path/to/model`).
+        input_kind: what the backbone takes, `image` or `text` (`InputKind`).
     """
 
     backbone: Any
@@ -84,6 +92,7 @@ class SourceModel:
     feature_shape: tuple[int, ...]
     preprocess: str
     description: str
+    input_kind: InputKind = "image"
 
 
 @dataclass(frozen=True)

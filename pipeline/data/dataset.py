@@ -84,12 +84,12 @@ def check_task(task: str) -> None:
         raise ConfigError(f"data.task={task!r}: expected one of {', '.join(TASKS)}")
 
 
-def check_classes(class_names: Sequence[str], task: str, where: str) -> None:
+def check_classes(class_names: Sequence[str], task: str, where: str, examples: str = "images") -> None:
     """Fewer than two classes, or binary without exactly two, is a DataError."""
     if len(class_names) < 2:
         raise DataError(
             f"{where} has {len(class_names)} class(es) {list(class_names)}: a classifier needs "
-            "at least 2. Add images of another class."
+            f"at least 2. Add {examples} of another class."
         )
     if task == "binary" and len(class_names) != 2:
         raise DataError(

@@ -7,7 +7,7 @@ import keras
 from pipeline.errors import SourceError
 from pipeline.sources.pin import Pinnable
 from pipeline.sources.preprocess import PreprocessLayer
-from pipeline.types import SourceModel
+from pipeline.types import InputKind, SourceModel
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
@@ -53,25 +53,46 @@ def walk_layers(model):
         yield from walk_layers(layer)
 
 
+def model_input(kind: InputKind, input_shape: tuple[int, ...]) -> keras.KerasTensor:
+    """The Keras input of a model taking `kind`: float32 `images` of `input_shape`, or a batch
+    of `text` (one string per example)."""
+    if kind == "text":
+        return keras.Input(shape=(), dtype="string", name="text")
+    return keras.Input(shape=input_shape, name="images")
+
+
 def build_backbone(
     extractor: keras.layers.Layer,
     input_shape: tuple[int, ...],
     preprocess: str,
     description: str,
+    input_kind: InputKind = "image",
 ) -> SourceModel:
-    """`images (raw 0-255) -> preprocess -> extractor -> features`, as one Keras model."""
-    images = keras.Input(shape=input_shape, name="images")
+    """`images (raw 0-255) -> preprocess -> extractor -> features`, as one Keras model.
+
+    For text (`input_kind="text"`) the model takes a batch of strings, `input_shape` is `()`
+    and the extractor holds its own tokenizer: `text -> extractor -> features`.
+    """
+    inputs = model_input(input_kind, tuple(input_shape))
     try:
-        features = extractor(PreprocessLayer(preprocess, name="preprocess")(images))
-    except ValueError as error:  # Keras or a SavedModel could not take images of this shape
+        if input_kind == "text":
+            features = extractor(inputs)
+        else:
+            features = extractor(PreprocessLayer(preprocess, name="preprocess")(inputs))
+    except ValueError as error:  # Keras or a SavedModel could not take inputs of this shape
+        if input_kind == "text":
+            raise SourceError(f"the source model {description} cannot be called on a batch of strings "
+                              f"({str(error).strip().splitlines()[0][:300]}); is it a text model? For an "
+                              "image model leave source.input=image") from error
         raise SourceError(_shape_mismatch(description, list(input_shape), error)) from error
-    backbone = keras.Model(images, features, name="backbone")
+    backbone = keras.Model(inputs, features, name="backbone")
     return SourceModel(
         backbone=backbone,
         input_shape=tuple(input_shape),
         feature_shape=tuple(features.shape[1:]),
         preprocess=preprocess,
         description=description,
+        input_kind=input_kind,
     )
 
 

@@ -111,8 +111,27 @@ def unsafe_ops(directory: str | Path) -> list[str]:
                 found.add(node.op)
             elif node.op in _TABLE_FROM_FILE and _origin(node.input, nodes) not in asset_args:
                 found.add(node.op)
-            pending += [(callee, frozenset()) for callee in _callees(node, library)]
+            pending += [(callee, _passed_assets(node, callee, asset_args, nodes, library))
+                        for callee in _callees(node, library)]
     return sorted(found)
+
+
+def _passed_assets(node: Any, callee: str, asset_args: frozenset[str], nodes: dict[str, Any],
+                   library: dict[str, Any]) -> frozenset[str]:
+    """The parameters of `callee` that `node` binds to this function's asset arguments.
+
+    A SavedModel saved again after loading (an export, a `.keras` file re-saved once its
+    source folder is gone) passes a vocabulary file's asset down through call ops
+    (`StatefulPartitionedCall`, or the function as the op itself); what a called function
+    receives from an asset argument is that asset, and nothing else is.
+    """
+    direct = node.op == callee or (node.op in ("PartitionedCall", "StatefulPartitionedCall")
+                                   and node.attr["f"].func.name == callee)
+    if not asset_args or not direct:
+        return frozenset()
+    given = [name for name in node.input if not name.startswith("^")]
+    params = [arg.name for arg in library[callee].signature.input_arg]
+    return frozenset(param for param, name in zip(params, given) if _traced(name, nodes) in asset_args)
 
 
 @dataclass
@@ -237,7 +256,12 @@ def _asset_args(name: str, library: dict[str, Any], objects: Any) -> frozenset[s
 
 def _origin(inputs: Any, nodes: dict[str, Any]) -> str:
     """Where a table's file name comes from, through `Identity` nodes: an argument or a node."""
-    name = inputs[1].split(":")[0] if len(inputs) > 1 else ""
+    return _traced(inputs[1] if len(inputs) > 1 else "", nodes)
+
+
+def _traced(name: str, nodes: dict[str, Any]) -> str:
+    """The argument or node an input comes from, through `Identity` nodes."""
+    name = name.split(":")[0]
     for _ in range(len(nodes) + 1):
         node = nodes.get(name)
         if node is None or node.op != "Identity" or not node.input:

@@ -26,6 +26,7 @@ import tensorflow as tf
 from pipeline import compat
 from pipeline.sources.graph_check import check_saved_model
 from pipeline.sources.pin import Pinnable
+from pipeline.sources.signatures import load_with_text_ops
 
 # `_AliasVariable` overrides a private method of `keras.Variable`, so it stays a class here;
 # fail at import, naming the patch, if the installed Keras no longer has what it overrides.
@@ -59,6 +60,8 @@ def _no_initializer(shape, dtype=None):  # never called: _initialize keeps the a
 
 # `from_config` passes this as `loaded`: the SavedModel arrives later, from the archive.
 _DEFERRED = object()
+# Where a `.keras` archive keeps a text model's preprocessing SavedModel, beside the model's.
+_PREPROCESSOR_DIR = "pipeline_preprocessor"
 
 
 def _keras_name(variable: tf.Variable) -> str:
@@ -80,6 +83,14 @@ class SavedModelLayer(Pinnable, keras.layers.Layer):
             in the file instead, so the file works without `handle`.
         output_shape, output_dtype: one feature output (without the batch axis), written to
             the config so that Keras can rebuild the model before the SavedModel is back.
+        preprocessor: a text model's preprocessing SavedModel (BERT-style pairs: strings in,
+            the encoder's input dict out), called before the model; never trained. Stored
+            in `.keras` files beside the model.
+        preprocessor_loaded: that SavedModel, already loaded; loaded from `preprocessor`
+            when omitted.
+        seq_length: with a preprocessor that has `tokenize` and `bert_pack_inputs` (TF Hub's
+            BERT preprocessors), pack the tokens to this many positions instead of the
+            preprocessor's default.
         trainable: whether the optimizer may change the SavedModel's trainable variables.
             When false, the model is also called in inference mode, so BatchNorm moving
             statistics stay fixed, and the layer is pinned: setting `trainable` later (as
@@ -98,6 +109,9 @@ class SavedModelLayer(Pinnable, keras.layers.Layer):
         loaded: Any = None,
         output_shape: list[int | None] | None = None,
         output_dtype: str = "float32",
+        preprocessor: str | None = None,
+        preprocessor_loaded: Any = None,
+        seq_length: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -112,10 +126,15 @@ class SavedModelLayer(Pinnable, keras.layers.Layer):
         # called symbolically; lets Keras rebuild the model before the SavedModel is back.
         self._output_shape = tuple(output_shape) if output_shape is not None else None
         self._output_dtype = output_dtype
+        self.preprocessor = preprocessor
+        self.seq_length = seq_length
         self._loaded = None
+        self._preprocessor = None
         self._pending_values = None
         if loaded is not _DEFERRED:
-            self._attach(loaded if loaded is not None else tf.saved_model.load(handle))
+            if preprocessor is not None and preprocessor_loaded is None:
+                preprocessor_loaded = load_with_text_ops(preprocessor)
+            self._attach(loaded if loaded is not None else tf.saved_model.load(handle), preprocessor_loaded)
         self.built = True
 
     @classmethod
@@ -127,9 +146,10 @@ class SavedModelLayer(Pinnable, keras.layers.Layer):
             return super().from_config(config)
         return super().from_config({**config, "loaded": _DEFERRED})
 
-    def _attach(self, loaded: Any) -> None:
-        """Call `loaded` from now on and track the variables its functions read."""
+    def _attach(self, loaded: Any, preprocessor: Any = None) -> None:
+        """Call `loaded` (after `preprocessor`) from now on and track the variables its functions read."""
         self._loaded = loaded
+        self._preprocessor = preprocessor
         if self.signature is None:
             self._function = loaded
             self._accepts_training = True
@@ -149,6 +169,12 @@ class SavedModelLayer(Pinnable, keras.layers.Layer):
         """The restored SavedModel object (for inspection and export)."""
         return self._loaded
 
+    @property
+    def loaded_models(self) -> list[Any]:
+        """Every restored SavedModel this layer calls: the model and its preprocessor (for
+        export, which keeps their resources: vocabulary tables, assets)."""
+        return [model for model in (self._preprocessor, self._loaded) if model is not None]
+
     def call(self, inputs, training=None):
         if self._loaded is None:
             raise ValueError(
@@ -157,6 +183,8 @@ class SavedModelLayer(Pinnable, keras.layers.Layer):
                 "`keras.saving.load_model`, which restores the SavedModel stored in the file."
             )
         training = bool(training) and self.trainable and not self.inference_mode
+        if self._preprocessor is not None:
+            inputs = self._preprocess(inputs)
         if self.signature is not None:
             outputs = self._function(**{self._input_name: inputs})
         elif self._accepts_training:
@@ -169,6 +197,13 @@ class SavedModelLayer(Pinnable, keras.layers.Layer):
         else:
             outputs = self._function(inputs)
         return self._select(outputs)
+
+    def _preprocess(self, text):
+        """The encoder's inputs for a batch of strings, by the preprocessing SavedModel."""
+        if self.seq_length is None:
+            return self._preprocessor(text)
+        tokens = self._preprocessor.tokenize(text)
+        return self._preprocessor.bert_pack_inputs([tokens], seq_length=self.seq_length)
 
     def _select(self, outputs):
         if isinstance(outputs, dict):
@@ -208,17 +243,17 @@ class SavedModelLayer(Pinnable, keras.layers.Layer):
             "output_key": self.output_key,
             "output_shape": list(self._output_shape) if self._output_shape is not None else None,
             "output_dtype": self._output_dtype,
+            "preprocessor": self.preprocessor,
+            "seq_length": self.seq_length,
         }
 
     # The .keras format: the SavedModel goes into the archive's assets and the trained
     # values into its weights file (as for any layer), so the file needs no source folder.
 
     def save_assets(self, dir_path):
-        if os.path.isfile(os.path.join(self.handle, "saved_model.pb")):
-            # A file copy: cheap enough for a checkpoint after every epoch.
-            shutil.copytree(self.handle, dir_path, dirs_exist_ok=True)
-        else:  # the source folder is gone (this layer came from a .keras file itself)
-            tf.saved_model.save(self._loaded, dir_path)
+        _store(self.handle, self._loaded, dir_path)
+        if self._preprocessor is not None:
+            _store(self.preprocessor, self._preprocessor, os.path.join(dir_path, _PREPROCESSOR_DIR))
 
     def load_own_variables(self, store):
         if self._loaded is None:  # called before `load_assets` brings the SavedModel back
@@ -230,7 +265,13 @@ class SavedModelLayer(Pinnable, keras.layers.Layer):
         if self._loaded is not None:
             return  # an old file, built from its handle
         check_saved_model(dir_path, f"the SavedModel stored for layer {self.name!r} (saved from {self.handle})")
-        self._attach(tf.saved_model.load(dir_path))
+        preprocessor = None
+        if self.preprocessor is not None:
+            stored = os.path.join(dir_path, _PREPROCESSOR_DIR)
+            check_saved_model(stored, f"the preprocessing SavedModel stored for layer {self.name!r} "
+                                      f"(saved from {self.preprocessor})")
+            preprocessor = load_with_text_ops(stored)
+        self._attach(tf.saved_model.load(dir_path), preprocessor)
         values = self._pending_values or []
         variables = self.weights  # the order Keras saved them in: trainable, then not
         if len(values) != len(variables):
@@ -241,6 +282,15 @@ class SavedModelLayer(Pinnable, keras.layers.Layer):
         for variable, value in zip(variables, values):
             variable.assign(value)
         self._pending_values = None
+
+
+def _store(handle: str | None, loaded: Any, dir_path: str) -> None:
+    """Puts a SavedModel into a `.keras` archive's assets: a copy of its folder, or saved anew."""
+    if handle and os.path.isfile(os.path.join(handle, "saved_model.pb")):
+        # A file copy: cheap enough for a checkpoint after every epoch.
+        shutil.copytree(handle, dir_path, dirs_exist_ok=True)
+    else:  # the source folder is gone (this layer came from a .keras file itself)
+        tf.saved_model.save(loaded, dir_path)
 
 
 def _single_input_name(function) -> str:

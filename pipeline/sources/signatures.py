@@ -55,16 +55,46 @@ def load_saved_model(path: str, key: str, value: str | None = None) -> Any:
     """
     value = path if value is None else value
     check_saved_model_dir(path, key, value)
-    import tensorflow as tf
-
     try:
-        return tf.saved_model.load(path)
+        return load_with_text_ops(path)
+    except MissingTextOps as error:
+        raise SourceError(f"{key}={value!r}: {error}") from error
     except Exception as error:
         raise SourceError(
             f"{key}={value!r}: {path} is not a loadable TF2 SavedModel "
             f"({type(error).__name__}: {error}). {_SAVED_MODEL_HELP}; TF1 SavedModels and "
             "TF1 hub.Module formats are not supported."
         ) from error
+
+
+class MissingTextOps(Exception):
+    """A SavedModel uses ops that only TF.Text registers, and `tensorflow-text` is not installed."""
+
+
+def load_with_text_ops(path: str) -> Any:
+    """`tf.saved_model.load(path)`; a graph with TF.Text ops (BERT preprocessors) loads once
+    `tensorflow_text` registers them, imported here only when the graph needs it.
+
+    Raises:
+        MissingTextOps: naming the op and the extra to install, when it is not installed.
+    """
+    import tensorflow as tf
+
+    try:
+        return tf.saved_model.load(path)
+    except Exception as error:
+        if "Op type not registered" not in str(error):
+            raise
+        try:
+            import tensorflow_text  # noqa: F401  (registers its ops with TensorFlow)
+        except ImportError:
+            op = str(error).split("Op type not registered", 1)[1].split("'")[1:2]
+            raise MissingTextOps(
+                f"{path} uses the op {''.join(op) or '(unknown)'}, which TensorFlow only knows once "
+                "TF.Text is installed: pip install 'tf-transfer-pipeline[text]' (tensorflow-text, "
+                "the version matching tensorflow)"
+            ) from error
+        return tf.saved_model.load(path)
 
 
 def check_saved_model_dir(path: str, key: str, value: str | None = None) -> None:

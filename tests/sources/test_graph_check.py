@@ -145,6 +145,14 @@ def test_a_table_read_from_its_own_asset_passes_and_one_from_elsewhere_does_not(
 
     assert unsafe_ops(edited("constant", constant_path)) == ["InitializeTableFromTextFileV2"]
 
+    # Saved again after loading (an export, a .keras file whose source folder is gone): the
+    # asset reaches the initializer through a call op, and is still recognised as the asset.
+    resaved = tmp_path / "resaved"
+    tf.saved_model.save(tf.saved_model.load(str(original)), str(resaved))
+    original = resaved
+    assert unsafe_ops(resaved) == []
+    assert unsafe_ops(edited("resaved-constant", constant_path)) == ["InitializeTableFromTextFileV2"]
+
 
 def test_a_tf1_saved_model_is_not_passed(tmp_path):
     from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
