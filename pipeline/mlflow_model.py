@@ -4,11 +4,15 @@
 artifacts; MLflow runs it when the model is loaded, so serving needs TensorFlow, NumPy and
 pandas but not this package. Nothing in the package imports it.
 
-Input: float32 raw 0-255 images `[batch, height, width, channels]` of any size and 1-4
-channels (brought to the training size inside, by the training's resize policy), or an
-object array of differently sized images. Output: a DataFrame with one row per image:
-`class_name` (the most probable class), `probability` (its probability) and
-`probabilities` (one per class, in the order of `labels.txt`).
+Input, image models: float32 raw 0-255 images `[batch, height, width, channels]` of any
+size and 1-4 channels (brought to the training size inside, by the training's resize
+policy), or an object array of differently sized images. Text models (their
+`serving_default` takes strings): a list, pandas Series or NumPy array of strings, or a
+DataFrame of one column of strings (called directly, outside MLflow, a wider DataFrame's
+`text` column is used; MLflow's signature check passes only a DataFrame's first column).
+Output: a DataFrame with one row per image or text: `class_name` (the most probable class),
+`probability` (its probability) and `probabilities` (one per class, in the order of
+`labels.txt`).
 
 A non-linear scikit-learn head (`head=sklearn`) is logged as `backbone` (a SavedModel whose
 signatures give the features) and `estimator` (`estimator.skops`); then serving also needs
@@ -17,6 +21,7 @@ scikit-learn and skops, and the skops file is loaded with scikit-learn's own typ
 Example:
     >>> model = mlflow.pyfunc.load_model("runs:/<run_id>/model")
     >>> model.predict(images.astype("float32"))  # class_name, probability, probabilities
+    >>> model.predict(["a gripping, well-acted film", "dull"])  # a text model
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
+TEXT_BATCH = 256  # texts per call of a text model: bounds the memory a long request takes
 
-class ImageClassifier(PythonModel):
-    """Calls the SavedModel's `serving_default` signature on batches of raw images."""
+
+class Classifier(PythonModel):
+    """Calls the SavedModel's `serving_default` signature on batches of raw images or texts."""
 
     def load_context(self, context):
         import tensorflow as tf
@@ -46,16 +53,22 @@ class ImageClassifier(PythonModel):
             self._estimator = skops.io.loads(data, trusted=untrusted)
         saved_model = context.artifacts["backbone" if self._estimator is not None else "saved_model"]
         self._serving = tf.saved_model.load(saved_model).signatures["serving_default"]
+        ((self._input_name, spec),) = self._serving.structured_input_signature[1].items()
+        self._text = spec.dtype == tf.string  # `text`, a batch of strings; else `images`
         self.class_names = Path(context.artifacts["labels"]).read_text().splitlines()
 
     def predict(self, context, model_input: np.ndarray, params=None):
         import pandas as pd
 
-        images = np.asarray(model_input)
-        if images.dtype == object:  # images of different sizes: one call each
-            parts = [self._serve(np.asarray(image, dtype="float32")[None]) for image in images]
+        if self._text:
+            texts = _texts(model_input)
+            parts = [self._serve(texts[start : start + TEXT_BATCH]) for start in range(0, len(texts), TEXT_BATCH)]
         else:
-            parts = [self._serve(images.astype("float32"))]
+            images = np.asarray(model_input)
+            if images.dtype == object:  # images of different sizes: one call each
+                parts = [self._serve(np.asarray(image, dtype="float32")[None]) for image in images]
+            else:
+                parts = [self._serve(images.astype("float32"))]
         probabilities = np.concatenate([p for p, _ in parts]) if parts else np.zeros((0, len(self.class_names)))
         names = np.concatenate([n for _, n in parts]) if parts else np.zeros((0,), str)
         return pd.DataFrame(
@@ -66,11 +79,12 @@ class ImageClassifier(PythonModel):
             }
         )
 
-    def _serve(self, images):
+    def _serve(self, batch):
         """The signature's per-class probabilities and top class names for one batch."""
         import tensorflow as tf
 
-        outputs = self._serving(images=tf.constant(images))
+        values = tf.constant(batch, dtype=tf.string) if self._text else tf.constant(batch)
+        outputs = self._serving(**{self._input_name: values})
         if self._estimator is None:
             names = np.array([name.decode() for name in outputs["class_name"].numpy()])
             return outputs["probabilities"].numpy(), names
@@ -97,4 +111,32 @@ class ImageClassifier(PythonModel):
         return probabilities
 
 
-mlflow.models.set_model(ImageClassifier())
+def _texts(model_input) -> list:
+    """The strings of a list, Series, 1-D array or DataFrame (its `text` column, or its only one)."""
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        if "text" in model_input.columns:
+            model_input = model_input["text"]
+        elif len(model_input.columns) == 1:
+            model_input = model_input.iloc[:, 0]
+        else:
+            raise ValueError(
+                f"a DataFrame with columns {list(model_input.columns)}: a text model takes a `text` "
+                "column or a DataFrame of one column; select it, for example frame[['text']]"
+            )
+    if isinstance(model_input, (str, bytes)):
+        model_input = [model_input]
+    values = np.asarray(model_input, dtype=object)
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.ndim != 1:
+        raise ValueError(f"an array of shape {values.shape}: a text model takes a list or 1-D array of strings")
+    for row, value in enumerate(values):
+        if not isinstance(value, (str, bytes)):
+            raise TypeError(f"row {row} is {value!r} ({type(value).__name__}): a text model takes strings; "
+                            "drop or fill the missing texts")
+    return values.tolist()
+
+
+mlflow.models.set_model(Classifier())

@@ -3,16 +3,20 @@
 The model is a pyfunc "from code": MLflow runs `pipeline/mlflow_model.py` with the export's
 `saved_model/` and `labels.txt` as artifacts, so serving it needs no pipeline code.
 `pipeline.predict` reads those artifacts as data instead and never runs the stored code.
+An image model takes float32 images; a text model (its export holds `input_example.json`)
+takes strings.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from pipeline.errors import ExportError
 from pipeline.estimators import SKOPS_FILE
+from pipeline.export import TEXT_EXAMPLE
 from pipeline.tracking import store
 
 # The pyfunc that MLflow runs to serve an export (logged as code, see that module).
@@ -29,9 +33,11 @@ def log_model(client: Any, run_id: str, tracking_uri: str, export_root: Path, re
 
     A pyfunc (`pipeline/mlflow_model.py`) with a tensor signature (float32 raw images,
     any size) and the export's `input_example.npy`, so that `mlflow.pyfunc.load_model`
-    and `mlflow models predict` work. With `register_as=NAME` (`tracking.register_as`) it
-    is also registered, and the URI returned is `models:/NAME/<version>`; otherwise
-    `runs:/<run_id>/model`.
+    and `mlflow models predict` work. A text export (it holds `input_example.json`, and its
+    `serving_default` takes strings) gets a signature of one column of strings instead
+    (`_text_signature`) and the texts of `input_example.json` as its example. With
+    `register_as=NAME` (`tracking.register_as`) it is also registered, and the URI returned
+    is `models:/NAME/<version>`; otherwise `runs:/<run_id>/model`.
 
     Idempotent for a resumed run: a model this run already logged from the same weights
     (its `weights_sha256` tag) is kept, not logged again, and a version already registered
@@ -39,7 +45,8 @@ def log_model(client: Any, run_id: str, tracking_uri: str, export_root: Path, re
     from other weights) is deleted. So a kill anywhere in here leaves one model, one version.
 
     Raises:
-        ExportError: when the export holds no SavedModel.
+        ExportError: when the export holds no SavedModel, or its example file and its
+            SavedModel disagree on what the model takes (images or texts).
     """
     import mlflow
     import numpy as np
@@ -48,22 +55,28 @@ def log_model(client: Any, run_id: str, tracking_uri: str, export_root: Path, re
     root = Path(export_root)
     if (root / SKOPS_FILE).is_file() and (root / "backbone" / "saved_model.pb").is_file():
         # A scikit-learn head: the backbone's features through the classifier.
-        artifacts = {"backbone": root / "backbone", "estimator": root / SKOPS_FILE}
+        served = root / "backbone"
+        artifacts = {"backbone": served, "estimator": root / SKOPS_FILE}
         requirements = (*_MODEL_REQUIREMENTS, *_ESTIMATOR_REQUIREMENTS)
     elif (root / "saved_model" / "saved_model.pb").is_file():
-        artifacts, requirements = {"saved_model": root / "saved_model"}, _MODEL_REQUIREMENTS
+        served = root / "saved_model"
+        artifacts, requirements = {"saved_model": served}, _MODEL_REQUIREMENTS
     else:
         raise ExportError(
             f"{root} holds no saved_model/, which the MLflow model serves. Add it to the "
             "export, for example export.formats=[saved_model,tflite]."
         )
+    text = _is_text_export(root, served)
     artifacts = {name: str(path) for name, path in {**artifacts, "labels": root / "labels.txt"}.items()}
     run = client.get_run(run_id)
     experiment_id = run.info.experiment_id
     weights = run.data.tags.get("weights_sha256", "")
     model_id = _earlier_model(client, experiment_id, run_id, weights)
     if model_id is None:
-        example = np.load(root / "input_example.npy")[:1].astype("float32")
+        if text:
+            example = _example_texts(root / TEXT_EXAMPLE)
+        else:
+            example = np.load(root / "input_example.npy")[:1].astype("float32")
         with store.active_store(tracking_uri):
             # Created here, in the run's experiment: left to itself MLflow would use the
             # process's active experiment, which is not ours.
@@ -79,7 +92,7 @@ def log_model(client: Any, run_id: str, tracking_uri: str, export_root: Path, re
                 model_id=logged.model_id,
                 python_model=str(_MODEL_CODE),
                 artifacts=artifacts,
-                signature=_model_signature(),
+                signature=_text_signature() if text else _model_signature(),
                 input_example=example,
                 pip_requirements=_requirements(requirements),
             )
@@ -101,6 +114,60 @@ def _save_pyfunc(validate_serving_input: bool = True, **kwargs: Any) -> None:
 # export's own check runs `serving_default`, what the pyfunc calls, on the test images, and
 # the oracle tests load the logged pyfunc and compare it with the reported metrics.
 _PYFUNC_UNVALIDATED = SimpleNamespace(__name__="mlflow.pyfunc", save_model=_save_pyfunc)
+
+
+def _is_text_export(root: Path, saved_model: Path) -> bool:
+    """Whether the export is a text model's: it holds `input_example.json` (an image model's
+    holds `input_example.npy`), checked against what `saved_model`'s `serving_default` takes.
+
+    Raises:
+        ExportError: when the two disagree (a half-replaced or hand-edited export).
+    """
+    text = (root / TEXT_EXAMPLE).is_file()
+    served = served_input_kind(saved_model)
+    if served is not None and (served == "text") != text:
+        raise ExportError(
+            f"{root} {'holds' if text else 'lacks'} {TEXT_EXAMPLE} (the example texts of a text model), "
+            f"but the serving_default signature of {saved_model} takes {'strings' if served == 'text' else 'images'}: "
+            "the export is not one this pipeline wrote whole. Export the run again."
+        )
+    return text
+
+
+def _example_texts(path: Path) -> list[str]:
+    """The example texts of a text export (a JSON list of strings), for the MLflow model."""
+    try:
+        texts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        texts = error
+    if not isinstance(texts, list) or not texts or not all(isinstance(text, str) for text in texts):
+        raise ExportError(
+            f"{path} holds {str(texts)[:200]!r}, not a JSON list of example texts such as "
+            '["a first review", "a second"]; export the run again.'
+        )
+    return texts
+
+
+def served_input_kind(saved_model: Path) -> str | None:
+    """What the SavedModel's `serving_default` takes: `text` (a batch of strings) or `image`.
+
+    Read from `saved_model.pb` without restoring the model (milliseconds, where a load
+    takes seconds). None when there is no such signature of one input, or no readable file.
+    """
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.framework import types_pb2
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    try:
+        proto.ParseFromString((Path(saved_model) / "saved_model.pb").read_bytes())
+    except (OSError, DecodeError):
+        return None
+    for graph in proto.meta_graphs:
+        if "serving_default" in graph.signature_def and len(graph.signature_def["serving_default"].inputs) == 1:
+            (tensor,) = graph.signature_def["serving_default"].inputs.values()
+            return "text" if tensor.dtype == types_pb2.DT_STRING else "image"
+    return None
 
 
 def _earlier_model(client: Any, experiment_id: str, run_id: str, weights: str) -> str | None:
@@ -136,6 +203,8 @@ def load_model(model_uri: str, tracking_uri: str, allow_unsafe: bool = False):
 
     `probabilities(images)` takes one float32 image batch `[batch, height, width, channels]`
     (any size, 1-4 channels) and returns the model's probabilities, one column per class name.
+    For a text model, `probabilities(texts)` takes a list of strings instead. What the model
+    takes is `probabilities.input_kind`, `image` or `text`.
 
     The model's files come from the store, which anyone who can write it can change, so they
     are not run as MLflow would (`mlflow.pyfunc.load_model` executes the Python file stored
@@ -171,11 +240,12 @@ def load_model(model_uri: str, tracking_uri: str, allow_unsafe: bool = False):
     if not (saved_model / "saved_model.pb").is_file() or not labels.is_file():
         where.cleanup()
         raise ExportError(
-            f"MLflow model {model_uri!r} is not an image classifier logged by this pipeline "
+            f"MLflow model {model_uri!r} is not a classifier logged by this pipeline "
             "(no artifacts/saved_model or artifacts/labels.txt); use the URI of a run's `model`."
         )
     try:
         serving = _serving_function(model_uri, saved_model, allow_unsafe)
+        input_name, input_kind = _served_input(model_uri, serving)
         class_names = labels.read_text().splitlines()
         estimator = None
         if estimator_file.is_file():
@@ -187,10 +257,14 @@ def load_model(model_uri: str, tracking_uri: str, allow_unsafe: bool = False):
         where.cleanup()
         raise
 
-    def probabilities(images):
+    def probabilities(batch):
         import tensorflow as tf
 
-        outputs = serving(images=tf.constant(np.asarray(images, dtype="float32")))
+        if input_kind == "text":
+            values = tf.constant([str(text) for text in batch], dtype=tf.string)
+        else:
+            values = tf.constant(np.asarray(batch, dtype="float32"))
+        outputs = serving(**{input_name: values})
         if estimator is None:
             return outputs["probabilities"].numpy().astype("float32")
         from pipeline.estimators import estimator_probabilities
@@ -198,6 +272,7 @@ def load_model(model_uri: str, tracking_uri: str, allow_unsafe: bool = False):
         return estimator_probabilities(estimator, outputs["features"].numpy(), len(class_names), "multiclass")
 
     probabilities.files = where  # the SavedModel's assets stay on disk while it is in use
+    probabilities.input_kind = input_kind
     return probabilities, class_names
 
 
@@ -223,6 +298,20 @@ def _serving_function(model_uri: str, saved_model: Path, allow_unsafe: bool):
         ) from error
 
 
+def _served_input(model_uri: str, serving: Any) -> tuple[str, str]:
+    """The name of `serving`'s one input and what it takes: `text` for strings, else `image`."""
+    import tensorflow as tf
+
+    inputs = serving.structured_input_signature[1]
+    if len(inputs) != 1:
+        raise ExportError(
+            f"MLflow model {model_uri!r}: its serving_default takes {sorted(inputs)}, not one batch of "
+            "images or texts; use the URI of a run's `model` logged by this pipeline."
+        )
+    ((name, spec),) = inputs.items()
+    return name, "text" if spec.dtype == tf.string else "image"
+
+
 def _model_signature():
     """float32 raw images of any size and channels in; the top class, its probability and all out."""
     import numpy as np
@@ -240,6 +329,22 @@ def _model_signature():
             ]
         ),
     )
+
+
+def _text_signature():
+    """One unnamed column of strings in; the same outputs as for images.
+
+    What MLflow infers for a `predict(model_input: list[str])`: it takes a list, Series or
+    array of strings, a one-column DataFrame of any name, and `{"inputs": [...]}`,
+    `dataframe_split` or `dataframe_records` requests. Of a wider DataFrame MLflow passes the
+    first column only. A named column (`ColSpec("string", "text")`) would pick `text` out of
+    it, but MLflow 3.17 then refuses a list, Series or array and `{"inputs": [...]}`
+    ("Model is missing inputs ['text']").
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=_model_signature().outputs)
 
 
 def _requirements(names) -> list[str]:
