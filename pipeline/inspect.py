@@ -44,8 +44,10 @@ def describe_source(source: SourceModel, cut_points: bool = False) -> str:
     non_trainable = _count(backbone.non_trainable_weights)
     lines = [
         f"source:            {source.description}",
-        f"input shape:       {tuple(source.input_shape)} (raw 0-255 pixels, float32)",
-        f"preprocessing:     {source.preprocess} (inside the backbone)",
+        *(["input:             text (a batch of raw strings; the tokenizer is inside the backbone)"]
+          if source.input_kind == "text" else
+          [f"input shape:       {tuple(source.input_shape)} (raw 0-255 pixels, float32)",
+           f"preprocessing:     {source.preprocess} (inside the backbone)"]),
         f"feature shape:     {tuple(source.feature_shape)}",
         f"layers:            {len(layers)} ({len(backbone.layers)} at the top level: "
         f"{', '.join(layer.name for layer in backbone.layers)})",
@@ -57,6 +59,10 @@ def describe_source(source: SourceModel, cut_points: bool = False) -> str:
     for layer in layers:
         if isinstance(layer, SavedModelLayer):
             called = f"signature {layer.signature!r}" if layer.signature else "__call__"
+            if layer.preprocessor is not None:
+                packed = f", packed to {layer.seq_length} positions" if layer.seq_length else ""
+                lines.append(f"preprocessor of layer {layer.name!r}: {layer.preprocessor} (called first, "
+                             f"never trained{packed})")
             lines += [
                 f"SavedModel in layer {layer.name!r}: {layer.handle} (called through {called})",
                 "  signatures:",

@@ -226,3 +226,13 @@ def test_the_feature_cache_key_covers_the_preprocessor_and_seq_length(bert_dirs,
                                      seq_length=5).backbone),
     }
     assert len(keys) == 3  # same weights, other tokens: never the same cached features
+
+
+def test_inspect_describes_a_text_source_and_its_preprocessor(bert_dirs):
+    from pipeline.inspect import describe_source
+
+    preprocess, encoder = bert_dirs
+    text = describe_source(_source(encoder, preprocessor=str(preprocess), output_key="pooled_output", seq_length=6))
+    assert "input:             text (a batch of raw strings" in text
+    assert "raw 0-255 pixels" not in text
+    assert f"preprocessor of layer 'hub': {preprocess} (called first, never trained, packed to 6 positions)" in text
