@@ -195,18 +195,23 @@ def served(saved_model: Path, files=None, arrays=None):
     return np.stack(probabilities), names
 
 
-def pyfunc_on_files(tmp_path: Path, run_dir: Path, paths):
-    """The run's MLflow model, loaded as MLflow serves it (`mlflow.pyfunc`), on the files'
-    Pillow-decoded pixels: a DataFrame of `class_name`, `probability`, `probabilities`."""
+def load_pyfunc(tmp_path: Path, run_dir: Path):
+    """The run's MLflow model, loaded as MLflow serves it (`mlflow.pyfunc`) from the run's store."""
     import mlflow
 
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
-        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+        return mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def pyfunc_on_files(tmp_path: Path, run_dir: Path, paths):
+    """The run's MLflow model on the files' Pillow-decoded pixels: a DataFrame of
+    `class_name`, `probability`, `probabilities`."""
+    model = load_pyfunc(tmp_path, run_dir)
     images = np.empty(len(paths), dtype=object)  # differently sized images: an object array
     images[:] = [np.asarray(Image.open(path).convert("RGB"), dtype="float32") for path in paths]
     return model.predict(images)

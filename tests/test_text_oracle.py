@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import compose
-from test_oracle import assert_learned, assert_reported, sklearn_metrics
+from test_oracle import assert_learned, assert_reported, load_pyfunc, sklearn_metrics
 from text_modules import make_bert_pair, make_sentence_encoder
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The y_prob values do not sum to one")]
@@ -156,18 +156,9 @@ def test_csv_text_column_frozen_sentence_encoder_with_a_sklearn_head(csv_run):
 
 
 def test_the_mlflow_model_on_a_list_of_strings_gives_the_reported_metrics(folder):
-    import mlflow
-
     tmp_path, run_dir, files, names = folder
     paths, labels = zip(*files["test"])
-    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
-        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    finally:
-        mlflow.set_tracking_uri(previous)
-    frame = model.predict([path.read_text(encoding="utf-8") for path in paths])
+    frame = load_pyfunc(tmp_path, run_dir).predict([path.read_text(encoding="utf-8") for path in paths])
     probabilities = np.stack(frame["probabilities"])
     assert list(frame["class_name"]) == [names[i] for i in np.argmax(probabilities, axis=1)]
     assert_reported(run_dir, sklearn_metrics(probabilities, labels, "binary", names))
