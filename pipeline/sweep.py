@@ -26,6 +26,16 @@ JOBS_FILE = "jobs.jsonl"  # one line per finished job, in the sweep directory
 log = logging.getLogger("pipeline")
 
 
+def minimizes(config: DictConfig) -> bool:
+    """Whether the sweep's best `optimized_metric` is its smallest value: as the sweeper's
+    `direction` says (Optuna's), else when the metric is a loss or an error (`val_loss`)."""
+    direction = config.hydra.sweeper.get("direction")
+    if direction is not None:
+        return str(direction) == "minimize"
+    objective = str(config.get("optimized_metric") or "")
+    return any(word in objective for word in ("loss", "error"))
+
+
 def sweep_key(config: DictConfig) -> str:
     """A digest of what makes a sweep this sweep: the command's overrides and the sweeper's settings.
 
@@ -66,6 +76,7 @@ class MlflowSweep(Callback):
         self._parent: str | None = None
         self._tracker: Any = None
         self._objective: str | None = None
+        self._minimize = False
         self._report: Any = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -77,6 +88,7 @@ class MlflowSweep(Callback):
 
         self._tracker = instantiate(config.tracking)
         self._objective = config.get("optimized_metric")
+        self._minimize = minimizes(config)
         self._jobs_file = Path(str(config.hydra.sweep.dir)) / JOBS_FILE
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         tags = {**environment_tags(), "sweep_dir": str(sweep_dir), "sweep": "true", SWEEP_KEY: sweep_key(config)}
@@ -128,7 +140,8 @@ class MlflowSweep(Callback):
             jobs = []
             if self._jobs_file.exists():
                 jobs = [json.loads(line) for line in self._jobs_file.read_text().splitlines() if line]
-            self._report = self._tracker.close_parent(self._parent, self._objective, jobs, interrupted)
+            self._report = self._tracker.close_parent(self._parent, self._objective, jobs, interrupted,
+                                                      self._minimize)
             print(self._report.text(), flush=True)
         return self._report
 

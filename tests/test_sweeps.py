@@ -144,3 +144,30 @@ def test_four_parallel_jobs_log_to_a_real_tracking_server(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize(("sweeper", "objective", "best"), [
+    ({"direction": "minimize"}, "val_accuracy", 0.2),  # Optuna's direction decides
+    ({"direction": "maximize"}, "val_loss", 0.9),
+    ({}, "val_loss", 0.2),  # the basic sweeper: a loss is minimized
+    ({}, "val_accuracy", 0.9),
+])
+def test_the_sweeps_best_value_follows_its_direction(tmp_path, sweeper, objective, best):
+    import mlflow
+    from omegaconf import OmegaConf
+
+    from pipeline.sweep import minimizes
+    from pipeline.tracking.report import close_sweep
+
+    config = OmegaConf.create({"optimized_metric": objective, "hydra": {"sweeper": sweeper}})
+    OmegaConf.set_struct(config, True)
+    store = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = store.create_experiment("sweep")
+    parent = store.create_run(experiment).info.run_id
+    for value in (0.5, 0.2, 0.9):
+        child = store.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+        store.log_metric(child, objective, value)
+    jobs = [{"job": i, "status": "COMPLETED", "overrides": "", "error": ""} for i in range(3)]
+    report = close_sweep(store, parent, "sweep", objective, jobs, minimize=minimizes(config))
+    assert report.best == (objective, best)
+    assert store.get_run(parent).data.metrics[f"best_{objective}"] == best

@@ -34,9 +34,11 @@ class SweepReport:
 
 def close_sweep(
     client: Any, run_id: str, experiment: str, objective: str | None, jobs: Sequence[Mapping[str, Any]],
-    interrupted: bool = False,
+    interrupted: bool = False, minimize: bool = False,
 ) -> SweepReport:
     """Log the sweep's numbers on its parent run `run_id` and finish it.
+
+    `minimize`: the best `objective` is the smallest (a loss), not the largest.
 
     `jobs` are the outcomes the jobs wrote to `jobs.jsonl` (also of jobs that failed before
     opening a run); the best `objective` is taken from the parent's child runs, less the
@@ -58,8 +60,9 @@ def close_sweep(
     results = [c for c in children if c.data.tags.get("trial_state") != "PRUNED"]
     values = [c.data.metrics[objective] for c in results if objective and objective in c.data.metrics]
     if values:
-        metrics[f"best_{objective}"] = max(values)
-        report.best = (objective, max(values))
+        best = min(values) if minimize else max(values)
+        metrics[f"best_{objective}"] = best
+        report.best = (objective, best)
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     client.set_terminated(run_id, status="FAILED" if failed else "KILLED" if interrupted else "FINISHED")

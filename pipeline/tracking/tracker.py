@@ -291,14 +291,16 @@ class MlflowTracker:
         return None
 
     def close_parent(
-        self, run_id: str, objective: str | None, jobs: Sequence[Mapping[str, Any]], interrupted: bool = False
+        self, run_id: str, objective: str | None, jobs: Sequence[Mapping[str, Any]], interrupted: bool = False,
+        minimize: bool = False,
     ) -> report.SweepReport:
         """Finish a sweep's parent run from its jobs' outcomes (`jobs.jsonl`) and its children.
 
         `interrupted`: the sweep stopped before its last job; the parent ends KILLED (FAILED
-        if a job failed), so that the same command continues it.
+        if a job failed), so that the same command continues it. `minimize`: the best
+        objective is the smallest.
         """
-        return report.close_sweep(self._client(), run_id, self.experiment, objective, jobs, interrupted)
+        return report.close_sweep(self._client(), run_id, self.experiment, objective, jobs, interrupted, minimize)
 
 
 def _end(client, run_id: str, status: str, reason: str | None) -> None:
