@@ -18,6 +18,7 @@ KERAS_MODULES = (
     "pipeline.data.layers",
     "pipeline.estimator_layer",
     "pipeline.sources.backbone",
+    "pipeline.sources.keras_hub_layer",
     "pipeline.sources.preprocess",
     "pipeline.sources.saved_model_layer",
 )

@@ -22,6 +22,7 @@ PLACEHOLDERS = {
     "source.path": "/models/model.keras",
     "source.name": "MobileNetV2",
     "source.run": "/runs/earlier",
+    "source.preset": "/models/preset",
     "data.train_dir": "/data/train",
     "data.manifest": "/data/labels.csv",
     "data.file_pattern": "/data/train-*.tfrecord",
