@@ -52,7 +52,7 @@ class Classifier(PythonModel):
                 raise ValueError(f"estimator.skops names types outside scikit-learn: {', '.join(foreign)}")
             self._estimator = skops.io.loads(data, trusted=untrusted)
         saved_model = context.artifacts["backbone" if self._estimator is not None else "saved_model"]
-        self._serving = tf.saved_model.load(saved_model).signatures["serving_default"]
+        self._serving = _load(saved_model).signatures["serving_default"]
         ((self._input_name, spec),) = self._serving.structured_input_signature[1].items()
         self._text = spec.dtype == tf.string  # `text`, a batch of strings; else `images`
         self.class_names = Path(context.artifacts["labels"]).read_text().splitlines()
@@ -140,3 +140,18 @@ def _texts(model_input) -> list:
 
 
 mlflow.models.set_model(Classifier())
+
+
+def _load(path):
+    """`tf.saved_model.load`; a text model whose tokenizer runs TF.Text ops loads once
+    `tensorflow_text` (in this model's requirements then) has registered them."""
+    import tensorflow as tf
+
+    try:
+        return tf.saved_model.load(path)
+    except Exception as error:
+        if "Op type not registered" not in str(error):
+            raise
+        import tensorflow_text  # noqa: F401
+
+        return tf.saved_model.load(path)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pipeline.data.decode import MAX_PIXELS
 from pipeline.errors import DataError, ExportError, PipelineError
+from pipeline.sources.signatures import load_with_text_ops
 
 log = logging.getLogger("pipeline")
 
@@ -344,9 +345,8 @@ def _saved_model(directory: Path, contents: Sequence, batch_size: int, kind: str
     """Probabilities from the SavedModel's `serving_bytes` signature, which decodes inside;
     for a text model, its `serving_default` on the texts."""
     import numpy as np
-    import tensorflow as tf
 
-    signatures = tf.saved_model.load(str(directory)).signatures
+    signatures = load_with_text_ops(str(directory)).signatures
     if _SIGNATURES[kind] not in signatures:
         raise ExportError(
             f"the SavedModel at {directory} has no {_SIGNATURES[kind]} signature (signatures: "
@@ -366,13 +366,12 @@ def _estimator_model(export: Path, contents: Sequence, batch_size: int, allow_un
     scikit-learn's own types unless `allow_unsafe`.
     """
     import numpy as np
-    import tensorflow as tf
 
     from pipeline.estimators import SKOPS_FILE, estimator_probabilities, load_estimator
 
     class_names = (export / "labels.txt").read_text().splitlines()
     estimator = load_estimator((export / SKOPS_FILE).read_bytes(), str(export / SKOPS_FILE), allow_unsafe)
-    signatures = tf.saved_model.load(str(export / "backbone")).signatures
+    signatures = load_with_text_ops(str(export / "backbone")).signatures
     if _SIGNATURES[kind] not in signatures:
         raise ExportError(
             f"the SavedModel at {export / 'backbone'} has no serving_bytes signature (its images "

@@ -10,6 +10,7 @@ every test metric with scikit-learn (`test_oracle.sklearn_metrics`).
 |--------|-------------------------|----------------------------------|-------------------------------|------------|---------------|
 | folder | text_folder (+ a broken and an empty file) | BERT-style pair, seq_length 12 | none (fine-tuned) / linear | binary     | false |
 | csv    | csv text_column, split_column | nnlm-like sentence encoder | all (feature cache) / sklearn LogisticRegression | multiclass | true |
+| keras_hub | text_folder          | KerasHub BERT preset (WordPiece in TF.Text ops), mean pooling | all / linear | multiclass | true |
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 
 from conftest import compose
 from test_oracle import assert_learned, assert_reported, load_pyfunc, sklearn_metrics
-from text_modules import make_bert_pair, make_sentence_encoder
+from text_modules import make_bert_pair, make_keras_hub_bert, make_sentence_encoder
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The y_prob values do not sum to one")]
 
@@ -35,6 +36,19 @@ TOPICS = {
 }
 SHARED = ["the", "a", "and", "was", "with", "today", "very", "after", "we", "it"]
 PER_CLASS = {"train": 16, "val": 5, "test": 8}
+
+
+def write_texts(root: Path, names: tuple[str, ...], seed: int) -> dict[str, list[tuple[Path, int]]]:
+    """One folder per split, one subfolder of .txt files per class; `{split: [(file, label)]}`."""
+    files = {}
+    for split, rows in texts(list(names), seed=seed).items():
+        files[split] = []
+        for index, (text, label) in enumerate(rows):
+            path = root / split / names[label] / f"{index:03d}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n", encoding="utf-8")
+            files[split].append((path, label))
+    return files
 
 
 def texts(topics: list[str], seed: int) -> dict[str, list[tuple[str, int]]]:
@@ -59,10 +73,10 @@ def served(saved_model: Path, strings: list[str]) -> tuple[np.ndarray, list[str]
     return outputs["probabilities"].numpy(), [name.decode() for name in outputs["class_name"].numpy()]
 
 
-def run(tmp_path: Path, *overrides: str) -> Path:
+def run(tmp_path: Path, *overrides: str, source: str = "hub_text") -> Path:
     from pipeline.runner import run as run_pipeline
 
-    run_pipeline(compose(["source=hub_text", "train.epochs=10", "train.batch_size=8", "train.learning_rate=0.05",
+    run_pipeline(compose([f"source={source}", "train.epochs=10", "train.batch_size=8", "train.learning_rate=0.05",
                           "train.verbose=0", f"train.feature_cache_dir={tmp_path / 'feature_cache'}", *overrides],
                          tmp_path))
     return tmp_path / "run"
@@ -73,14 +87,7 @@ def folder(tmp_path_factory):
     """A BERT-style pair fine-tuned on text files, binary, with a file of each kind that is skipped."""
     tmp_path = tmp_path_factory.mktemp("text_folder")
     names = ("baking", "sport")
-    files = {}
-    for split, rows in texts(list(names), seed=1).items():
-        files[split] = []
-        for index, (text, label) in enumerate(rows):
-            path = tmp_path / "texts" / split / names[label] / f"{index:03d}.txt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n", encoding="utf-8")
-            files[split].append((path, label))
+    files = write_texts(tmp_path / "texts", names, seed=1)
     (tmp_path / "texts/train/sport/broken.txt").write_bytes(b"the team \xff\xfe won")  # not UTF-8
     (tmp_path / "texts/train/baking/empty.txt").write_text("  \n")
     preprocess, encoder = make_bert_pair(tmp_path / "bert")
@@ -178,3 +185,21 @@ def test_predict_on_the_test_folders_of_txt_files_gives_the_reported_accuracy(fo
     accuracy = np.mean([predicted[path] == truth[path] for path in truth])
     reported = json.loads((run_dir / "metrics.json").read_text())
     assert reported["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_a_keras_hub_preset_is_served_on_raw_strings_as_evaluated(tmp_path):
+    pytest.importorskip("keras_hub", reason="the keras_hub extra is not installed")
+    names = ("baking", "sport", "weather")
+    files = write_texts(tmp_path / "texts", names, seed=4)
+    words = sorted({word for topic in TOPICS.values() for word in topic} | set(SHARED))
+    preset = make_keras_hub_bert(tmp_path / "bert_preset", words)
+    run_dir = run(
+        tmp_path, f"source.preset={preset}", "source.pooling=mean", "freeze=all",
+        "data=text_folder", f"data.train_dir={tmp_path / 'texts/train'}", f"data.val_dir={tmp_path / 'texts/val'}",
+        f"data.test_dir={tmp_path / 'texts/test'}", source="keras_hub",
+    )
+    paths, labels = zip(*files["test"])
+    probabilities, top = served(run_dir / "export/saved_model", [path.read_text(encoding="utf-8") for path in paths])
+    assert_learned(probabilities, labels, "multiclass")
+    assert top == [names[i] for i in np.argmax(probabilities, axis=1)]
+    assert_reported(run_dir, sklearn_metrics(probabilities, labels, "multiclass", names))

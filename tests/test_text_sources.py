@@ -236,3 +236,19 @@ def test_inspect_describes_a_text_source_and_its_preprocessor(bert_dirs):
     assert "input:             text (a batch of raw strings" in text
     assert "raw 0-255 pixels" not in text
     assert f"preprocessor of layer 'hub': {preprocess} (called first, never trained, packed to 6 positions)" in text
+
+
+def test_text_ops_tells_a_graph_that_needs_tf_text_from_one_that_does_not(encoder_dir, tmp_path):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from pipeline.sources.signatures import text_ops
+
+    assert not text_ops(encoder_dir)  # core TensorFlow ops only: the MLflow model needs no tensorflow-text
+    renamed = tmp_path / "renamed"
+    shutil.copytree(encoder_dir, renamed)
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((renamed / "saved_model.pb").read_bytes())
+    next(node for function in saved_model.meta_graphs[0].graph_def.library.function
+         for node in function.node_def if node.op == "StringLower").op = "CaseFoldUTF8"
+    (renamed / "saved_model.pb").write_bytes(saved_model.SerializeToString())
+    assert text_ops(renamed)

@@ -133,3 +133,20 @@ def make_bert_pair(directory: Path, seed: int = 0) -> tuple[Path, Path]:
         encoder.__call__.get_concrete_function(spec, training=training)
     tf.saved_model.save(encoder, str(directory / "encoder"))
     return directory / "preprocess", directory / "encoder"
+
+
+def make_keras_hub_bert(directory: Path, words: list[str], hidden_dim: int = 32, seed: int = 0) -> Path:
+    """A tiny KerasHub BERT preset (backbone, WordPiece tokenizer on `words`, classifier
+    preprocessor) written by `save_to_preset` to `directory`; returns it."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    keras_hub.models.BertBackbone(
+        vocabulary_size=len(vocabulary), num_layers=1, num_heads=2, hidden_dim=hidden_dim,
+        intermediate_dim=2 * hidden_dim, max_sequence_length=MAX_POSITIONS,
+    ).save_to_preset(directory)
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True)
+    keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=MAX_POSITIONS).save_to_preset(directory)
+    return Path(directory)

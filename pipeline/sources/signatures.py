@@ -97,6 +97,21 @@ def load_with_text_ops(path: str) -> Any:
         return tf.saved_model.load(path)
 
 
+def text_ops(directory: str | Path) -> bool:
+    """Whether the SavedModel's graph runs ops that TensorFlow itself does not define (TF.Text's
+    tokenizers: serving it needs `tensorflow-text`). Reads saved_model.pb; loads nothing."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((Path(directory) / "saved_model.pb").read_bytes())
+    ops = {node.op for meta in saved_model.meta_graphs for function in meta.graph_def.library.function
+           for node in function.node_def}
+    library = {function.signature.name for meta in saved_model.meta_graphs
+               for function in meta.graph_def.library.function}
+    return any(not hasattr(tf.raw_ops, op) for op in ops - library)
+
+
 def check_saved_model_dir(path: str, key: str, value: str | None = None) -> None:
     """Raise `SourceError` unless `path` is a directory holding saved_model.pb."""
     value = path if value is None else value

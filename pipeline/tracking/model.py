@@ -17,6 +17,7 @@ from typing import Any
 from pipeline.errors import ExportError
 from pipeline.estimators import SKOPS_FILE
 from pipeline.export import TEXT_EXAMPLE
+from pipeline.sources.signatures import load_with_text_ops, text_ops
 from pipeline.tracking import store
 
 # The pyfunc that MLflow runs to serve an export (logged as code, see that module).
@@ -67,6 +68,8 @@ def log_model(client: Any, run_id: str, tracking_uri: str, export_root: Path, re
             "export, for example export.formats=[saved_model,tflite]."
         )
     text = _is_text_export(root, served)
+    if text_ops(served):  # a tokenizer of TF.Text's (BERT preprocessors, KerasHub presets)
+        requirements = (*requirements, "tensorflow-text")
     artifacts = {name: str(path) for name, path in {**artifacts, "labels": root / "labels.txt"}.items()}
     run = client.get_run(run_id)
     experiment_id = run.info.experiment_id
@@ -290,7 +293,7 @@ def _serving_function(model_uri: str, saved_model: Path, allow_unsafe: bool):
     import tensorflow as tf
 
     try:
-        return tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+        return load_with_text_ops(str(saved_model)).signatures["serving_default"]
     except (KeyError, OSError, ValueError, tf.errors.OpError) as error:
         raise ExportError(
             f"MLflow model {model_uri!r}: its SavedModel cannot be served ({type(error).__name__}: "
