@@ -203,3 +203,15 @@ def test_a_keras_hub_preset_is_served_on_raw_strings_as_evaluated(tmp_path):
     assert_learned(probabilities, labels, "multiclass")
     assert top == [names[i] for i in np.argmax(probabilities, axis=1)]
     assert_reported(run_dir, sklearn_metrics(probabilities, labels, "multiclass", names))
+
+
+def test_a_text_run_reruns_from_its_stored_config_to_the_same_metrics(csv_run):
+    from pipeline.rerun import rerun
+
+    tmp_path, run_dir, _, _ = csv_run
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    again = rerun(run_id, f"sqlite:///{tmp_path / 'mlflow.db'}", output_dir=tmp_path / "rerun")
+    reported = json.loads((run_dir / "metrics.json").read_text())
+    assert again["test_accuracy"] == reported["test_accuracy"] and again["test_loss"] == pytest.approx(
+        reported["test_loss"], abs=1e-6)
+    assert (tmp_path / "rerun/export/saved_model/saved_model.pb").is_file()
