@@ -215,3 +215,23 @@ def test_a_text_run_reruns_from_its_stored_config_to_the_same_metrics(csv_run):
     assert again["test_accuracy"] == reported["test_accuracy"] and again["test_loss"] == pytest.approx(
         reported["test_loss"], abs=1e-6)
     assert (tmp_path / "rerun/export/saved_model/saved_model.pb").is_file()
+
+
+def test_a_text_sweep_shares_the_feature_cache_and_reports_the_best_job(csv_run, tmp_path):
+    from cli import run_pipeline, runs
+
+    data_root, _, _, _ = csv_run
+    done = run_pipeline(
+        tmp_path, "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "source=hub_text",
+        f"source.handle={data_root / 'nnlm'}", "data=csv", f"data.manifest={data_root / 'reviews.csv'}",
+        "data.text_column=review", "data.label_column=topic", "data.split_column=split", "freeze=all",
+        "train.learning_rate=0.05,0.001", "train.epochs=4", "export=none", "optimized_metric=val_accuracy",
+        f"train.feature_cache_dir={tmp_path / 'feature_cache'}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    everything = runs(tmp_path)
+    (parent,) = [r for r in everything if r.data.tags.get("sweep") == "true"]
+    children = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.data.tags["feature_cache"] for c in children) == ["computed", "hit"]
+    best = max(c.data.metrics["val_accuracy"] for c in children)
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best)
