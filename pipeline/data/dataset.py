@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,34 @@ def check_classes(class_names: Sequence[str], task: str, where: str, examples: s
             f"data.task=binary needs exactly 2 classes, but {where} has {len(class_names)}: "
             f"{list(class_names)}. Set data.task=multiclass or keep two classes."
         )
+
+
+def folder_fixes(classes: Mapping[str, Sized], fractions: Mapping[str, float], dirs: Mapping[str, str | None],
+                 noun: str = "image") -> dict[str, str]:
+    """What fixes an empty split of a class-folder option (`require_examples`' `fixes`).
+
+    Args:
+        classes: class name -> its examples in `data.train_dir`.
+        fractions: `val` and `test` -> `data.val_split`, `data.test_split`.
+        dirs: `val` and `test` -> `data.val_dir`, `data.test_dir` (None when held out).
+        noun: what an example is, `image` or `text`.
+    """
+    name, members = min(classes.items(), key=lambda item: len(item[1]))
+    smallest = f"the smallest class, {name!r}, has {len(members)} {noun}(s)"
+    fixes = {
+        "train": f"data.val_split and data.test_split leave no training {noun} ({smallest}). "
+                 f"Lower them or add {noun}s.",
+    }
+    for split in ("val", "test"):
+        fixes[split] = (
+            f"data.{split}_split={fractions[split]} takes no {noun} from any class of data.train_dir "
+            f"({smallest}; each class gives round(count * {split}_split)). Raise "
+            f"data.{split}_split, add {noun}s, or give data.{split}_dir."
+            if not dirs[split] else
+            f"data.{split}_dir={dirs[split]!r} holds no usable {noun} of the classes {list(classes)}. "
+            f"Add {noun}s there."
+        )
+    return fixes
 
 
 def require_examples(counts: dict[str, int], fixes: dict[str, str]) -> None:

@@ -122,20 +122,7 @@ class ImageFolderData:
                                    self.augmentation, skipped, fingerprint, ids)
 
     def _fixes(self, train: _FolderScan) -> dict[str, str]:
-        name, files = min(train.classes.items(), key=lambda item: len(item[1]))
-        smallest = f"the smallest class, {name!r}, has {len(files)} image(s)"
-        fixes = {
-            "train": f"data.val_split and data.test_split leave no training image ({smallest}). "
-                     "Lower them or add images.",
-        }
-        for split in ("val", "test"):
-            fraction = self.fractions[split]
-            fixes[split] = (
-                f"data.{split}_split={fraction} takes no image from any class of data.train_dir "
-                f"({smallest}; each class gives round(count * {split}_split)). Raise "
-                f"data.{split}_split, add images, or give data.{split}_dir."
-            )
-        return fixes
+        return dataset.folder_fixes(train.classes, self.fractions, self.dirs, "image")
 
 
 @dataclass(frozen=True)

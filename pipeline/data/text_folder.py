@@ -165,23 +165,7 @@ class TextFolderData:
         return _FolderRead(classes, skipped)
 
     def _fixes(self, train: _FolderRead) -> dict[str, str]:
-        name, texts = min(train.classes.items(), key=lambda item: len(item[1]))
-        smallest = f"the smallest class, {name!r}, has {len(texts)} text(s)"
-        fixes = {
-            "train": f"data.val_split and data.test_split leave no training text ({smallest}). "
-                     "Lower them or add texts.",
-        }
-        for split in ("val", "test"):
-            fraction = self.fractions[split]
-            fixes[split] = (
-                f"data.{split}_split={fraction} takes no text from any class of data.train_dir "
-                f"({smallest}; each class gives round(count * {split}_split)). Raise "
-                f"data.{split}_split, add texts, or give data.{split}_dir."
-                if not self.dirs[split] else
-                f"data.{split}_dir={self.dirs[split]!r} holds no usable text of the classes "
-                f"{list(train.classes)}. Add texts there."
-            )
-        return fixes
+        return dataset.folder_fixes(train.classes, self.fractions, self.dirs, "text")
 
 
 @dataclass(frozen=True)
