@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(PY) -m pipeline $(ARGS)
 
+# Two workers: much of a test's time is single-threaded (imports, tracing, subprocesses).
 test: $(VENV)/.installed
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n 2 $(ARGS)
 
 demo-source: $(VENV)/.installed
 	$(PY) scripts/build_demo_source.py
