@@ -236,22 +236,28 @@ class SavedModelFormat:
         )
         start = time.perf_counter()
         signatures = tf.saved_model.load(str(path)).signatures
+
+        def probabilities(signature, **inputs):
+            return lambda: signatures[signature](**inputs)["probabilities"].numpy()
+
         if data.input_kind == "text":
-            actual = signatures["serving_default"](text=tf.constant(images))["probabilities"].numpy()
+            actual = probabilities("serving_default", text=tf.constant(images))()
             return Written(path, _max_abs_diff(actual, expected), actual, time.perf_counter() - start)
-        actual = signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()
-        difference = _max_abs_diff(actual, expected)
         # Whole pixel values, as decoders give them, through the uint8 and file signatures,
-        # against serving_default on the same pixels: checked against the trained model just
-        # above, so one more pass of the trained model (a trace of its own) proves nothing more.
+        # against serving_default on the same pixels, which is checked against the trained
+        # model: one more pass of the trained model (a trace of its own) would prove nothing more.
         pixels = np.clip(np.round(images[:_BYTES_CHECKED]), 0, 255).astype("uint8")
-        wanted = signatures["serving_default"](images=tf.constant(pixels.astype("float32")))["probabilities"].numpy()
-        served = signatures["serving_uint8"](images=tf.constant(pixels))["probabilities"].numpy()
-        difference = max(difference, _max_abs_diff(served, wanted))
+        calls = {
+            "actual": probabilities("serving_default", images=tf.constant(images)),
+            "wanted": probabilities("serving_default", images=tf.constant(pixels.astype("float32"))),
+            "serving_uint8": probabilities("serving_uint8", images=tf.constant(pixels)),
+        }
         if "serving_bytes" in signatures:
             files = tf.stack([tf.io.encode_png(image) for image in pixels])
-            served = signatures["serving_bytes"](images=files)["probabilities"].numpy()
-            difference = max(difference, _max_abs_diff(served, wanted))
+            calls["serving_bytes"] = probabilities("serving_bytes", images=files)
+        got = _first_calls(calls)
+        actual, wanted = got.pop("actual"), got.pop("wanted")
+        difference = max([_max_abs_diff(actual, expected)] + [_max_abs_diff(served, wanted) for served in got.values()])
         return Written(path, difference, actual, time.perf_counter() - start)
 
 
@@ -294,16 +300,21 @@ class EstimatorFormat:
             features = signatures[signature](**{name: batch})["features"].numpy()
             return estimator_probabilities(estimator, features, count, "multiclass")
 
-        actual = served("serving_default", tf.constant(images))
-        difference = _max_abs_diff(actual, expected)
         if data.input_kind == "text":
-            return Written(path, difference, actual, time.perf_counter() - start)
+            actual = served("serving_default", tf.constant(images))
+            return Written(path, _max_abs_diff(actual, expected), actual, time.perf_counter() - start)
         pixels = np.clip(np.round(images[:_BYTES_CHECKED]), 0, 255).astype("uint8")
-        wanted = served("serving_default", tf.constant(pixels.astype("float32")))  # checked just above
-        difference = max(difference, _max_abs_diff(served("serving_uint8", tf.constant(pixels)), wanted))
+        calls = {
+            "actual": lambda: served("serving_default", tf.constant(images)),
+            "wanted": lambda: served("serving_default", tf.constant(pixels.astype("float32"))),  # checked as actual
+            "serving_uint8": lambda: served("serving_uint8", tf.constant(pixels)),
+        }
         if "serving_bytes" in signatures:
             files = tf.stack([tf.io.encode_png(image) for image in pixels])
-            difference = max(difference, _max_abs_diff(served("serving_bytes", files), wanted))
+            calls["serving_bytes"] = lambda: served("serving_bytes", files)
+        got = _first_calls(calls)
+        actual, wanted = got.pop("actual"), got.pop("wanted")
+        difference = max([_max_abs_diff(actual, expected)] + [_max_abs_diff(other, wanted) for other in got.values()])
         return Written(path, difference, actual, time.perf_counter() - start)
 
 
@@ -403,6 +414,21 @@ class OnnxFormat:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (actual,) = session.run(["probabilities"], {"images": np.asarray(images, dtype="float32")})
         return Written(path, _max_abs_diff(actual, expected), actual)
+
+
+def _first_calls(calls: Mapping[str, Any]) -> dict[str, Any]:
+    """`{name: call()}`, each call on a thread of its own.
+
+    A reloaded SavedModel's signatures are separate functions, each optimized by TensorFlow
+    on its first call, on one core; together their optimizations overlap (three first calls
+    of a MobileNetV2 export at 96x96 took 2.3 s one after another, 1.0 s together on 2 cores).
+    A call's error is raised here, as if it had been made in this thread.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="export-check") as pool:
+        started = {name: pool.submit(call) for name, call in calls.items()}
+        return {name: future.result() for name, future in started.items()}
 
 
 def _move_into_place(staging: Path, destination: Path) -> None:

@@ -76,10 +76,8 @@ def write_saved_model(
         def serve_text(text):
             return outputs_of(model(text, training=False))
 
-        signatures = {"serving_default": tf.function(
-            serve_text, input_signature=[tf.TensorSpec((None,), tf.string, name="text")], autograph=False)}
-        tf.saved_model.save(_served_module(model, signatures), str(path), signatures=signatures)
-        return Path(path)
+        endpoints = {"serving_default": (serve_text, tf.TensorSpec((None,), tf.string, name="text"))}
+        return _save(model, endpoints, path)
 
     from pipeline.data.decode import decode_bytes, declared_pixels, serving_pixels
 
@@ -122,35 +120,43 @@ def write_saved_model(
     }
     if channels in (1, 3):
         endpoints["serving_bytes"] = (serve_bytes, tf.TensorSpec((None,), tf.string, name="images"))
-    signatures = {name: tf.function(function, input_signature=[spec], autograph=False)
+    return _save(model, endpoints, path)
+
+
+def _save(model: Any, endpoints: dict[str, tuple[Any, Any]], path: Path) -> Path:
+    """Traces each endpoint `(function, input spec)` once and saves them as the signatures.
+
+    The signatures are given as concrete functions, traced here, and the module saved holds
+    only what they capture, not the Keras model: `tf.saved_model.save` traces a
+    `tf.function` signature again under its save context (a second trace of the whole
+    network, ~1.5 s for MobileNetV2 at 96x96 on 2 cores), and serializes and `load` restores
+    every `tf.function` attribute of the module besides the signatures (~1 s each way).
+    Keras' `ExportArchive` tracks every layer: ~10 s more of a MobileNetV2 export.
+    """
+    import tensorflow as tf
+
+    signatures = {name: tf.function(function, input_signature=[spec], autograph=False).get_concrete_function()
                   for name, (function, spec) in endpoints.items()}
     tf.saved_model.save(_served_module(model, signatures), str(path), signatures=signatures)
     return Path(path)
 
 
 def _served_module(model: Any, signatures: dict[str, Any]) -> Any:
-    """A `tf.Module` holding the endpoints and what they capture, not the Keras model itself.
-
-    `tf.saved_model.save` then walks the variables the traced endpoints read and the
-    SavedModels that the model's layers call (their resources and assets: `SavedModelLayer`s
-    of TF Hub and SavedModel sources), not every Keras layer: Keras' `ExportArchive` spent
-    ~10 s of a MobileNetV2 export (96x96, 2 cores) listing and tracking them, and loading
-    its result took ~2 s more.
-    """
+    """A `tf.Module` holding what the traced `signatures` capture: the variables they read and
+    the SavedModels that the model's layers call (their resources and assets: `SavedModelLayer`s
+    of TF Hub and SavedModel sources)."""
     import tensorflow as tf
 
     from pipeline.sources.saved_model_layer import SavedModelLayer
 
     captured = {}
     for signature in signatures.values():
-        for variable in signature.get_concrete_function().variables:  # traced here, once
+        for variable in signature.variables:
             captured[id(variable)] = variable
     module = tf.Module(name="served")
     module.model_variables = list(captured.values())
     module.saved_models = [loaded for layer in _all_layers(model) if isinstance(layer, SavedModelLayer)
                            for loaded in layer.loaded_models]
-    for name, signature in signatures.items():
-        setattr(module, name, signature)
     return module
 
 

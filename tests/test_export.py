@@ -507,3 +507,17 @@ def test_with_the_feature_cache_the_export_is_checked_against_the_head_on_it(hub
     with pytest.raises(ExportError, match="differ from the in-memory model"):
         Exporter().export(adapted, data, tmp_path / "wrong", features=wrong)
     assert not (tmp_path / "wrong").exists()
+
+
+def test_a_file_signature_that_serves_other_pixels_is_refused(hub_model_dir, tmp_path, monkeypatch):
+    # The signatures' first calls run side by side (pipeline.export._first_calls); each
+    # result is still compared: serving_bytes decoding to darker pixels fails the check.
+    import pipeline.data.decode as decode
+
+    decode_bytes = decode.decode_bytes
+    monkeypatch.setattr(decode, "decode_bytes", lambda *args, **kwargs: decode_bytes(*args, **kwargs) // 2)
+    adapted = _adapted(hub_model_dir)
+    _spread(adapted, seed=4)
+    with pytest.raises(ExportError, match="saved_model export's predictions differ"):
+        Exporter().export(adapted, _data(_images()), tmp_path / "export")
+    assert not (tmp_path / "export").exists()
