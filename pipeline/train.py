@@ -354,7 +354,7 @@ class Trainer:
         cache = FeatureCache(Path(self.feature_cache_dir))
         start = time.perf_counter()
         try:
-            features, hit = cache.load_or_compute(adapted.backbone, data)
+            features, hit = cache.load_or_compute(adapted.backbone, data, batch_size=self.batch_size)
             self._backbone_seconds = 0.0 if hit else time.perf_counter() - start
         except OSError as error:
             reason = f"{type(error).__name__}: {error.strerror or error}"

@@ -261,10 +261,14 @@ def test_an_unusable_cache_folder_costs_speed_not_the_run(learned, tmp_path, mon
         (tmp_path / "file").write_text("")
         cache_dir = tmp_path / "file" / "cache"
     else:
-        def full(*args, **kwargs):
-            raise OSError(errno.ENOSPC, "No space left on device")
+        class FullDisk:  # as TensorFlow's file writer fails on a full disk
+            def __init__(self, path):
+                pass
 
-        monkeypatch.setattr(tf.data.Dataset, "save", full)
+            def write(self, record):
+                raise tf.errors.ResourceExhaustedError(None, None, f"{errno.ENOSPC}: No space left on device")
+
+        monkeypatch.setattr(tf.io, "TFRecordWriter", FullDisk)
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         uncached_adapted, uncached, _ = _run(
             _trainer(tmp_path, epochs=LEARNED_EPOCHS, feature_cache_dir=str(cache_dir)), ASSETS / "digits_0to4"
