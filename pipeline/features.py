@@ -2,20 +2,22 @@
 
 While the backbone is frozen and the data is not augmented, each epoch would push every
 image through the same function again. Instead the backbone's outputs for the training and
-validation and test splits are computed once and stored, batch by batch (a split larger
-than memory is fine), as TFRecord files of serialized tensors under a key made of the backbone's
-fingerprint (its layers, weights, preprocessing and precision) and the data's. Later epochs,
-later runs and the jobs of a sweep with the same key read them back; a different key
-recomputes. Entries are written beside their final name and renamed into place, so a
-concurrent job never reads half an entry. When the backbone never trained, the evaluate
-stage scores the head on the cached validation and test outputs too (the same numbers as the
-full model: the backbone is the one that made them); the export is always the full model.
+validation and test splits are computed once and written batch by batch (so a split larger
+than memory is fine) as TFRecord files of serialized tensors, under a key made of the
+backbone's fingerprint (its layers, weights, preprocessing and precision) and the data's.
+Later epochs, later runs and the jobs of a sweep with the same key read them back; a
+different key recomputes. Entries are written beside their final name and renamed into
+place, so a concurrent job never reads half an entry. When the backbone never trained, the
+evaluate stage scores the head on the cached validation and test outputs too (the same
+numbers as the full model: the backbone is the one that made them); the export is always
+the full model.
 
 Each entry records whether its rows follow the data's element order (`ordered`: every split
 kept its order, as with `data.deterministic=true`); each split is one file of features and
-one of labels, read back in the order written. Training takes any entry; `pipeline.extract` only an ordered one, since it pairs row
-`i` with the split's `example_ids[i]`. When the entry under a key is not ordered (or predates
-the flag), an ordered one is written beside it as `<key>-ordered`.
+one of labels, read back in the order written. Training takes any entry; `pipeline.extract`
+only an ordered one, since it pairs row `i` with the split's `example_ids[i]`. When the
+entry under a key is not ordered (or predates the flag), an ordered one is written beside
+it as `<key>-ordered`.
 """
 
 from __future__ import annotations
@@ -94,7 +96,6 @@ class FeatureCache:
             on_batch: called as `on_batch(split, examples)` after each batch the backbone
                 computes, for progress reports.
         """
-
         if ordered and not in_order(data):
             raise ValueError("FeatureCache(ordered=True) needs data that keeps its order (data.deterministic=true)")
         key = self.key(backbone, data.fingerprint)
