@@ -225,7 +225,6 @@ class SavedModelFormat:
         self.tolerance = tolerance
 
     def write(self, adapted, data, staging, images, expected) -> Written:
-        import numpy as np
         import tensorflow as tf
 
         from pipeline.serving import write_saved_model
@@ -236,28 +235,14 @@ class SavedModelFormat:
         )
         start = time.perf_counter()
         signatures = tf.saved_model.load(str(path)).signatures
-
-        def probabilities(signature, **inputs):
-            return lambda: signatures[signature](**inputs)["probabilities"].numpy()
-
         if data.input_kind == "text":
-            actual = probabilities("serving_default", text=tf.constant(images))()
+            actual = signatures["serving_default"](text=tf.constant(images))["probabilities"].numpy()
             return Written(path, _max_abs_diff(actual, expected), actual, time.perf_counter() - start)
-        # Whole pixel values, as decoders give them, through the uint8 and file signatures,
-        # against serving_default on the same pixels, which is checked against the trained
-        # model: one more pass of the trained model (a trace of its own) would prove nothing more.
-        pixels = np.clip(np.round(images[:_BYTES_CHECKED]), 0, 255).astype("uint8")
-        calls = {
-            "actual": probabilities("serving_default", images=tf.constant(images)),
-            "wanted": probabilities("serving_default", images=tf.constant(pixels.astype("float32"))),
-            "serving_uint8": probabilities("serving_uint8", images=tf.constant(pixels)),
-        }
-        if "serving_bytes" in signatures:
-            files = tf.stack([tf.io.encode_png(image) for image in pixels])
-            calls["serving_bytes"] = probabilities("serving_bytes", images=files)
-        got = _first_calls(calls)
-        actual, wanted = got.pop("actual"), got.pop("wanted")
-        difference = max([_max_abs_diff(actual, expected)] + [_max_abs_diff(served, wanted) for served in got.values()])
+
+        def probabilities(signature, batch):
+            return signatures[signature](images=batch)["probabilities"].numpy()
+
+        actual, difference = _image_signatures(probabilities, "serving_bytes" in signatures, images, expected)
         return Written(path, difference, actual, time.perf_counter() - start)
 
 
@@ -277,7 +262,6 @@ class EstimatorFormat:
         self.tolerance = tolerance
 
     def write(self, adapted, data, staging, images, expected) -> Written:
-        import numpy as np
         import tensorflow as tf
 
         from pipeline.estimator_layer import feature_model, served_estimator
@@ -303,18 +287,7 @@ class EstimatorFormat:
         if data.input_kind == "text":
             actual = served("serving_default", tf.constant(images))
             return Written(path, _max_abs_diff(actual, expected), actual, time.perf_counter() - start)
-        pixels = np.clip(np.round(images[:_BYTES_CHECKED]), 0, 255).astype("uint8")
-        calls = {
-            "actual": lambda: served("serving_default", tf.constant(images)),
-            "wanted": lambda: served("serving_default", tf.constant(pixels.astype("float32"))),  # checked as actual
-            "serving_uint8": lambda: served("serving_uint8", tf.constant(pixels)),
-        }
-        if "serving_bytes" in signatures:
-            files = tf.stack([tf.io.encode_png(image) for image in pixels])
-            calls["serving_bytes"] = lambda: served("serving_bytes", files)
-        got = _first_calls(calls)
-        actual, wanted = got.pop("actual"), got.pop("wanted")
-        difference = max([_max_abs_diff(actual, expected)] + [_max_abs_diff(other, wanted) for other in got.values()])
+        actual, difference = _image_signatures(served, "serving_bytes" in signatures, images, expected)
         return Written(path, difference, actual, time.perf_counter() - start)
 
 
@@ -414,6 +387,32 @@ class OnnxFormat:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (actual,) = session.run(["probabilities"], {"images": np.asarray(images, dtype="float32")})
         return Written(path, _max_abs_diff(actual, expected), actual)
+
+
+def _image_signatures(probabilities: Any, has_bytes: bool, images: Any, expected: Any) -> tuple[Any, float]:
+    """Checks an image SavedModel's signatures; `(serving_default's probabilities, the largest difference)`.
+
+    `probabilities(signature, batch)` calls one signature. `serving_default` is compared with
+    `expected` (the trained model's); whole pixel values, as decoders give them, go through
+    `serving_uint8` and (with `has_bytes`) `serving_bytes` as PNG files, compared with
+    `serving_default` on the same pixels: one more pass of the trained model (a trace of its
+    own) would prove nothing more. The first calls run side by side (`_first_calls`).
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    pixels = np.clip(np.round(images[:_BYTES_CHECKED]), 0, 255).astype("uint8")
+    calls = {
+        "actual": lambda: probabilities("serving_default", tf.constant(images)),
+        "wanted": lambda: probabilities("serving_default", tf.constant(pixels.astype("float32"))),
+        "serving_uint8": lambda: probabilities("serving_uint8", tf.constant(pixels)),
+    }
+    if has_bytes:
+        files = tf.stack([tf.io.encode_png(image) for image in pixels])
+        calls["serving_bytes"] = lambda: probabilities("serving_bytes", files)
+    got = _first_calls(calls)
+    actual, wanted = got.pop("actual"), got.pop("wanted")
+    return actual, max([_max_abs_diff(actual, expected)] + [_max_abs_diff(other, wanted) for other in got.values()])
 
 
 def _first_calls(calls: Mapping[str, Any]) -> dict[str, Any]:
