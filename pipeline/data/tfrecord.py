@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pipeline.data import dataset, scan
 from pipeline.data.augment import Augmentation
-from pipeline.data.decode import MAX_PIXELS, Resize, decode_bytes
+from pipeline.data.decode import MAX_PIXELS, Resize
 from pipeline.data.splits import stratified_split
 from pipeline.errors import DataError
 from pipeline.types import DataBundle
@@ -238,17 +238,16 @@ class TFRecordData:
         image_key = self.keys[0]
         mask = tf.constant(_mask(len(labels), indices))
         all_labels = tf.constant(labels)
-        settings = self.settings
+        image_of = dataset.decoder(self.settings)
 
         def decode(number, record):
             parsed = tf.io.parse_single_example(record, {image_key: tf.io.FixedLenFeature([], tf.string)})
-            image = decode_bytes(parsed[image_key], settings.channels, settings.image_size, settings.resize)
-            return image, tf.gather(all_labels, number)
+            return image_of(parsed[image_key]), tf.gather(all_labels, number)
 
         # Shards are read in order (not interleaved) so that record numbers match load()'s.
         records = tf.data.TFRecordDataset(files).enumerate()
         records = records.filter(lambda number, _: tf.gather(mask, number))
-        return dataset.finish(records.map(decode, num_parallel_calls=tf.data.AUTOTUNE), settings, split, key)
+        return dataset.finish(records.map(decode, num_parallel_calls=tf.data.AUTOTUNE), self.settings, split, key)
 
 
 def _mask(size: int, indices: Any) -> Any:
