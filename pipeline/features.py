@@ -29,7 +29,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -183,14 +183,20 @@ def _write(folder: Path, batches: Any, extract: Any, split: str,
     with _file_errors(folder):
         features = tf.io.TFRecordWriter(str(folder / "features.tfrecord"))
         labels = tf.io.TFRecordWriter(str(folder / "labels.tfrecord"))
-    for images, batch_labels in batches.prefetch(1):
-        computed = extract(images)
-        with _file_errors(folder):
-            features.write(tf.io.serialize_tensor(computed).numpy())
-            labels.write(tf.io.serialize_tensor(batch_labels).numpy())
-        written += int(computed.shape[0])
-        if on_batch is not None:
-            on_batch(split, int(computed.shape[0]))
+    try:
+        for images, batch_labels in batches.prefetch(1):
+            computed = extract(images)
+            with _file_errors(folder):
+                features.write(tf.io.serialize_tensor(computed).numpy())
+                labels.write(tf.io.serialize_tensor(batch_labels).numpy())
+            written += int(computed.shape[0])
+            if on_batch is not None:
+                on_batch(split, int(computed.shape[0]))
+    except BaseException:  # the backbone's error, a full disk, Ctrl-C: the files are let go now
+        for writer in (features, labels):
+            with suppress(tf.errors.OpError):
+                writer.close()
+        raise
     with _file_errors(folder):
         features.close()
         labels.close()

@@ -310,3 +310,31 @@ def test_only_an_entry_in_the_datas_order_serves_an_ordered_read(tmp_path, hub_m
                                backbone(images, training=False).numpy(), atol=1e-5)
     again = FeatureCache(tmp_path)
     assert again.load_or_compute(backbone, data, ordered=True)[1] is True and again.computed_examples == 0
+
+
+def test_a_pass_stopped_mid_split_lets_go_of_its_files_and_leaves_no_entry(tmp_path, hub_model_dir, monkeypatch):
+    import tensorflow as tf
+
+    real, opened = tf.io.TFRecordWriter, []
+
+    class Recording:  # TensorFlow's writer, noting whether it was closed
+        def __init__(self, path):
+            self.writer, self.closed = real(path), False
+            opened.append(self)
+
+        def write(self, record):
+            self.writer.write(record)
+
+        def close(self):
+            self.closed = True
+            self.writer.close()
+
+    def stopped(split, examples):  # Ctrl-C after the first batch
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tf.io, "TFRecordWriter", Recording)
+    data = DigitsData(classes=[5, 6, 7]).load()
+    with pytest.raises(KeyboardInterrupt):
+        FeatureCache(tmp_path).load_or_compute(_source(hub_model_dir).backbone, data, batch_size=32, on_batch=stopped)
+    assert len(opened) == 2 and all(writer.closed for writer in opened)
+    assert list(tmp_path.iterdir()) == []
