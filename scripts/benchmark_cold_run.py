@@ -3,6 +3,7 @@
     python scripts/benchmark_cold_run.py           # 1500 JPEGs of 224x224, 10 epochs: about 20 min on 2 cores
     python scripts/benchmark_cold_run.py --quick   # 300 JPEGs of 96x96 (the "small run"): about 5 min
     python scripts/benchmark_cold_run.py --kinds keras_app,hub --num-images 600
+    python scripts/benchmark_cold_run.py --quick --repeat 3   # each measurement 3 times, the fastest kept
 
 Each measurement is its own subprocess, one after the other, on the same synthetic JPEG
 folder (scripts/benchmark_input.py's generator, 5 classes) and the same backbone,
@@ -27,6 +28,11 @@ backbone pass, head epochs, evaluation, export, verification and MLflow, and the
 costs (everything but the backbone pass and the epochs). Wall times come from the parent
 (`time.perf_counter` around each subprocess), so they include the interpreter's start and
 exit. Nothing is asserted; the targets of issue 17 are printed next to the figures.
+
+`--repeat N` runs every measurement N times, interleaved (plain, pipeline, plain, ...; each
+pipeline run on its own empty cache), and reports the fastest of each with the range: on a
+shared 2-core machine the same pass moves by 30% or more from one run to the next, so one
+run per side cannot show a 10% difference.
 """
 
 from __future__ import annotations
@@ -131,6 +137,13 @@ def stage_seconds(db: Path) -> list[dict[str, float]]:
         ]
 
 
+def spread(seconds: list[float]) -> str:
+    """The fastest of `seconds`, with the range when there is more than one: `3.1 [3.1-4.0]`."""
+    if len(seconds) == 1:
+        return f"{seconds[0]:.1f}"
+    return f"{min(seconds):.1f} [{min(seconds):.1f}-{max(seconds):.1f}]"
+
+
 def pipeline_command(work: Path, folder: Path, size: int, batch_size: int, source: list[str], cache: str,
                      *overrides: str) -> list[str]:
     return [
@@ -150,6 +163,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--kinds", default=",".join(KINDS), help="source kinds whose backbone pass is compared")
     parser.add_argument("--quick", action="store_true", help="300 images of 96x96")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each measurement this many times, interleaved, and report the fastest")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--plain-predict", nargs=5, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--make-sources", nargs=2, help=argparse.SUPPRESS)  # child mode
@@ -163,6 +178,8 @@ def main(argv=None) -> None:
         return None
     if args.quick:
         args.num_images, args.image_size = 300, 96
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: expected 1 or more runs of each measurement")
     kinds = [k for k in args.kinds.split(",") if k]
     work = Path(tempfile.mkdtemp(prefix="benchmark-cold-"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -176,37 +193,46 @@ def main(argv=None) -> None:
     _, out = child([PYTHON, __file__, "--make-sources", str(work), str(size)], work / "make_sources.log")
     sources = json.loads(out.strip().splitlines()[-1])
 
-    print("\n1. the backbone pass over every image, per source kind (seconds)")
-    print(f"  {'kind':12} {'plain predict':>14} {'pipeline':>9} {'ratio':>6}")
+    print(f"\n1. the backbone pass over every image, per source kind (seconds; fastest of {args.repeat}, "
+          "range in brackets)")
+    print(f"  {'kind':12} {'plain predict':>20} {'pipeline':>20} {'ratio':>6}")
+    db = work / "mlflow.db"
     for kind in kinds:
-        _, out = child([PYTHON, __file__, "--plain-predict", kind, str(work), str(folder), str(size), str(batch)],
-                       work / f"predict-{kind}.log")
-        plain = json.loads(out.strip().splitlines()[-1])["seconds"]
-        db = work / "mlflow.db"
-        before = len(stage_seconds(db)) if db.exists() else 0
-        child(pipeline_command(work, folder, size, batch, sources[kind], f"cache-{kind}", "train.epochs=1",
-                               "export=none"), work / f"pipeline-{kind}.log")
-        ours = stage_seconds(db)[before]["backbone_pass"]
-        print(f"  {kind:12} {plain:14.1f} {ours:9.1f} {ours / plain:6.2f}", flush=True)
+        plain, ours = [], []
+        for attempt in range(args.repeat):
+            _, out = child([PYTHON, __file__, "--plain-predict", kind, str(work), str(folder), str(size), str(batch)],
+                           work / f"predict-{kind}-{attempt}.log")
+            plain.append(json.loads(out.strip().splitlines()[-1])["seconds"])
+            before = len(stage_seconds(db)) if db.exists() else 0
+            child(pipeline_command(work, folder, size, batch, sources[kind], f"cache-{kind}-{attempt}",
+                                   "train.epochs=1", "export=none"), work / f"pipeline-{kind}-{attempt}.log")
+            ours.append(stage_seconds(db)[before]["backbone_pass"])
+        print(f"  {kind:12} {spread(plain):>20} {spread(ours):>20} {min(ours) / min(plain):6.2f}", flush=True)
     print("  target: the pipeline within 10% of the plain predict (ratio <= 1.10)")
 
     print(f"\n2. a frozen run of {args.epochs} epochs, keras_app source (seconds)")
-    plain_wall, _ = child([PYTHON, str(ROOT / "scripts" / "plain_keras_transfer.py"), str(folder),
-                           "--image-size", str(size), "--epochs", str(args.epochs), "--batch-size", str(batch),
-                           "--output", str(work / "plain.keras")], work / "plain.log")
-    runs = []
-    for name in ("cold", "warm"):
-        before = len(stage_seconds(work / "mlflow.db"))
-        wall, _ = child(pipeline_command(work, folder, size, batch, sources["keras_app"], "cache-run",
-                                         f"train.epochs={args.epochs}"), work / f"pipeline-{name}.log")
-        runs.append((name, wall, stage_seconds(work / "mlflow.db")[before]))
-    print(f"  {'stage':16} {'cold':>8} {'warm':>8}")
+    plain_walls = []
+    runs: dict[str, list[tuple[float, dict[str, float]]]] = {"cold": [], "warm": []}
+    for attempt in range(args.repeat):
+        wall, _ = child([PYTHON, str(ROOT / "scripts" / "plain_keras_transfer.py"), str(folder),
+                         "--image-size", str(size), "--epochs", str(args.epochs), "--batch-size", str(batch),
+                         "--output", str(work / f"plain-{attempt}.keras")], work / f"plain-{attempt}.log")
+        plain_walls.append(wall)
+        for name in ("cold", "warm"):  # warm: the same command again, on the cache the cold run left
+            before = len(stage_seconds(work / "mlflow.db"))
+            wall, _ = child(pipeline_command(work, folder, size, batch, sources["keras_app"], f"cache-run-{attempt}",
+                                             f"train.epochs={args.epochs}"), work / f"pipeline-{name}-{attempt}.log")
+            runs[name].append((wall, stage_seconds(work / "mlflow.db")[before]))
+    fastest = {name: min(found, key=lambda run: run[0]) for name, found in runs.items()}
+    print(f"  {'stage':16} {'cold':>8} {'warm':>8}   (the fastest run of each, by wall time)")
     for stage in (*STAGES, "fixed", "total"):
-        print(f"  {stage:16} " + " ".join(f"{r[2].get(stage, 0.0):8.1f}" for r in runs))
-    print(f"  {'wall (process)':16} " + " ".join(f"{r[1]:8.1f}" for r in runs))
-    print(f"  plain script (wall): {plain_wall:.1f}")
-    for name, wall, _ in runs:
-        print(f"  pipeline {name} / plain script: {wall / plain_wall:.2f}")
+        print(f"  {stage:16} " + " ".join(f"{run[1].get(stage, 0.0):8.1f}" for run in fastest.values()))
+    print(f"  {'wall (process)':16} " + " ".join(f"{run[0]:8.1f}" for run in fastest.values()))
+    plain_wall = min(plain_walls)
+    print(f"  plain script (wall): {spread(plain_walls)}")
+    for name, found in runs.items():
+        print(f"  pipeline {name} / plain script: {fastest[name][0] / plain_wall:.2f} "
+              f"(walls {spread([wall for wall, _ in found])})")
     print("  targets: fixed costs < 10 s; cold / plain <= 0.25 at 1500 images of 224x224, 10 epochs; "
           "<= 1.0 for the small run (--quick)")
     if args.keep:
