@@ -168,4 +168,6 @@ def _count(weights) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.quick_exit import exit_after
+
+    exit_after(main)

@@ -494,4 +494,6 @@ def main(argv: Sequence[str] | None = None, output: Callable[[str], None] = prin
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.quick_exit import exit_after
+
+    exit_after(main)

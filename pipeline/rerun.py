@@ -80,4 +80,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.quick_exit import exit_after
+
+    exit_after(main)

@@ -1,0 +1,93 @@
+"""`pipeline.quick_exit`: a command's status, output and atexit handlers kept, the teardown skipped."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from conftest import PROJECT_ROOT
+
+
+def _run(tmp_path: Path, body: str, *flags: str) -> subprocess.CompletedProcess:
+    """Runs a script that ends with `exit_after(main)`; `marks` is a folder it may write to."""
+    script = tmp_path / "command.py"
+    script.write_text(textwrap.dedent(f"""\
+        import atexit, sys, threading, time
+        from pathlib import Path
+        from pipeline.quick_exit import exit_after
+
+        marks = Path({str(tmp_path / 'marks')!r})
+        marks.mkdir(exist_ok=True)
+
+        class Teardown:  # its __del__ runs only when the interpreter tears the module down
+            def __del__(self):
+                (marks / "teardown").write_text("ran")
+
+        kept_until_teardown = Teardown()
+        atexit.register(lambda: (marks / "atexit").write_text("ran"))
+    """) + textwrap.dedent(body) + "\nexit_after(main)\n")
+    return subprocess.run([sys.executable, *flags, str(script)], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _marks(tmp_path: Path) -> set[str]:
+    return {path.name for path in (tmp_path / "marks").iterdir()}
+
+
+def test_the_status_output_and_atexit_handlers_are_kept_and_the_teardown_is_skipped(tmp_path):
+    done = _run(tmp_path, """
+        def main():
+            print("result line", end="")  # unflushed, no newline: still reaches the pipe
+            print("log line", file=sys.stderr, end="")
+            return 3
+    """)
+    assert done.returncode == 3
+    assert done.stdout == "result line" and done.stderr == "log line"
+    assert _marks(tmp_path) == {"atexit"}  # the handler ran; the module's teardown did not
+
+
+def test_system_exit_keeps_its_code_and_message(tmp_path):
+    done = _run(tmp_path, """
+        def main():
+            raise SystemExit("error: one line")
+    """)
+    assert done.returncode == 1 and done.stderr.strip() == "error: one line"
+    done = _run(tmp_path, """
+        def main():
+            raise SystemExit(2)
+    """)
+    assert done.returncode == 2 and _marks(tmp_path) == {"atexit"}
+
+
+def test_a_running_non_daemon_thread_gets_the_normal_exit_that_waits_for_it(tmp_path):
+    done = _run(tmp_path, """
+        def late():
+            time.sleep(1.0)
+            (marks / "thread").write_text("finished")
+
+        def main():
+            threading.Thread(target=late).start()
+    """)
+    assert done.returncode == 0
+    assert _marks(tmp_path) == {"atexit", "thread", "teardown"}
+
+
+def test_a_profiler_gets_the_normal_exit_so_that_its_report_is_written(tmp_path):
+    report = tmp_path / "profile.out"
+    done = _run(tmp_path, """
+        def main():
+            return 0
+    """, "-m", "cProfile", "-o", str(report))
+    assert done.returncode == 0, done.stderr
+    assert report.stat().st_size > 0 and "teardown" in _marks(tmp_path)
+
+
+def test_a_crash_keeps_its_traceback_and_status(tmp_path):
+    done = _run(tmp_path, """
+        def main():
+            raise RuntimeError("a bug of ours")
+    """)
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "RuntimeError: a bug of ours" in done.stderr
