@@ -268,6 +268,9 @@ def test_an_unusable_cache_folder_costs_speed_not_the_run(learned, tmp_path, mon
             def write(self, record):
                 raise tf.errors.ResourceExhaustedError(None, None, f"{errno.ENOSPC}: No space left on device")
 
+            def close(self):
+                pass
+
         monkeypatch.setattr(tf.io, "TFRecordWriter", FullDisk)
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         uncached_adapted, uncached, _ = _run(
