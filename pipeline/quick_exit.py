@@ -42,11 +42,13 @@ def exit_after(main: Callable[[], Any]) -> NoReturn:
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
-    if not safe_to_skip_teardown():
+    # A private function of CPython's (since 3.0): without it, the atexit handlers would be skipped.
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_exit_handlers is None or not safe_to_skip_teardown():
         raise SystemExit(code)
     for stream in (sys.stdout, sys.stderr):
         _flush(stream)
-    atexit._run_exitfuncs()  # logging.shutdown among them: Hydra's log file is flushed and closed
+    run_exit_handlers()  # logging.shutdown among them: Hydra's log file is flushed and closed
     for stream in (sys.stdout, sys.stderr):
         _flush(stream)
     os._exit(code)

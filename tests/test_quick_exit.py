@@ -91,3 +91,14 @@ def test_a_crash_keeps_its_traceback_and_status(tmp_path):
     """)
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "RuntimeError: a bug of ours" in done.stderr
+
+
+def test_without_cpythons_run_exitfuncs_the_exit_is_a_normal_one(tmp_path):
+    done = _run(tmp_path, """
+        del atexit._run_exitfuncs  # another Python, or a later CPython without it
+
+        def main():
+            return 4
+    """)
+    assert done.returncode == 4
+    assert _marks(tmp_path) == {"atexit", "teardown"}
