@@ -92,7 +92,7 @@ class Exporter:
 
     def export(
         self, adapted: AdaptedModel, data: DataBundle, destination: Path, replace: bool = False,
-        features: Mapping[str, Any] | None = None,
+        features: Mapping[str, Any] | None = None, backbone_function: Any = None,
     ) -> ExportResult:
         """Writes, verifies and moves the export into `destination`.
 
@@ -103,6 +103,9 @@ class Exporter:
             features: the frozen backbone's cached outputs per split (`TrainResult.features`),
                 which evaluation scored. The export is then checked against the head on
                 them (what the metrics measured) instead of a pass of the whole model.
+            backbone_function: the feature pass's traced `backbone(images, training=False)`
+                (`TrainResult.backbone_function`); the SavedModel calls it, so the export
+                traces the head alone rather than every layer of the backbone again.
         """
         import numpy as np
 
@@ -134,7 +137,7 @@ class Exporter:
             differences: dict[str, float] = {}
             accuracy_delta: dict[str, float] = {}
             for name, writer in self._writers(served_estimator(adapted.model) is not None).items():
-                written = writer.write(adapted, data, staging, images, expected)
+                written = writer.write(adapted, data, staging, images, expected, backbone_function)
                 verify_seconds += written.verify_seconds
                 differences[name] = written.max_abs_diff
                 if not written.max_abs_diff <= writer.tolerance:  # also catches NaN
@@ -224,7 +227,7 @@ class SavedModelFormat:
     def __init__(self, tolerance: float):
         self.tolerance = tolerance
 
-    def write(self, adapted, data, staging, images, expected) -> Written:
+    def write(self, adapted, data, staging, images, expected, backbone_function=None) -> Written:
         import tensorflow as tf
 
         from pipeline.serving import write_saved_model
@@ -232,6 +235,7 @@ class SavedModelFormat:
         path = write_saved_model(
             adapted.model, adapted.class_names, adapted.task, data.input_shape, data.resize,
             staging / "saved_model", max_pixels=data.max_pixels, input_kind=data.input_kind,
+            call=_composed(adapted, backbone_function),
         )
         start = time.perf_counter()
         signatures = tf.saved_model.load(str(path)).signatures
@@ -261,7 +265,7 @@ class EstimatorFormat:
     def __init__(self, tolerance: float):
         self.tolerance = tolerance
 
-    def write(self, adapted, data, staging, images, expected) -> Written:
+    def write(self, adapted, data, staging, images, expected, backbone_function=None) -> Written:
         import tensorflow as tf
 
         from pipeline.estimator_layer import feature_model, served_estimator
@@ -300,7 +304,7 @@ class KerasFormat:
     def __init__(self, tolerance: float):
         self.tolerance = tolerance
 
-    def write(self, adapted, data, staging, images, expected) -> Written:
+    def write(self, adapted, data, staging, images, expected, backbone_function=None) -> Written:
         import keras
 
         from pipeline.serving import serving_model
@@ -327,7 +331,7 @@ class TfliteFormat:
         self.calibration_examples = calibration_examples
         self.tolerance = tolerance
 
-    def write(self, adapted, data, staging, images, expected) -> Written:
+    def write(self, adapted, data, staging, images, expected, backbone_function=None) -> Written:
         from pipeline import tflite
         from pipeline.serving import write_fixed_size
 
@@ -361,7 +365,7 @@ class OnnxFormat:
     def __init__(self, tolerance: float):
         self.tolerance = tolerance
 
-    def write(self, adapted, data, staging, images, expected) -> Written:
+    def write(self, adapted, data, staging, images, expected, backbone_function=None) -> Written:
         import numpy as np
         import tensorflow as tf
 
@@ -387,6 +391,29 @@ class OnnxFormat:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (actual,) = session.run(["probabilities"], {"images": np.asarray(images, dtype="float32")})
         return Written(path, _max_abs_diff(actual, expected), actual)
+
+
+def _composed(adapted: AdaptedModel, backbone_function: Any) -> Any:
+    """`adapted.model`'s inference as `head(backbone_function(images))`; None: trace the model.
+
+    The feature pass traced the backbone already. Called from the export's trace, that
+    `tf.function` becomes one call in the graph instead of a second trace of every layer
+    (Keras traces layer by layer: seconds for a large network). It computes what the model
+    does: `adapt` builds the model as `head(backbone(inputs))`, checked here, and the
+    export's check compares the result with the trained model's on the test images.
+    """
+    import keras
+
+    if backbone_function is None:
+        return None
+    layers = [layer for layer in adapted.model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if layers != [adapted.backbone, adapted.head]:
+        return None
+
+    def call(images):
+        return adapted.head(backbone_function(images), training=False)
+
+    return call
 
 
 def _image_signatures(probabilities: Any, has_bytes: bool, images: Any, expected: Any) -> tuple[Any, float]:
@@ -530,6 +557,6 @@ class NoExport:
 
     def export(
         self, adapted: AdaptedModel, data: DataBundle, destination: Path, replace: bool = False,
-        features: Mapping[str, Any] | None = None,
+        features: Mapping[str, Any] | None = None, backbone_function: Any = None,
     ) -> ExportResult:
         return ExportResult(root=Path(destination), paths={}, max_abs_diff={})

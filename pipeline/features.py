@@ -75,6 +75,8 @@ class FeatureCache:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.computed_examples = 0  # backbone outputs computed by this instance (tests count them)
+        # The backbone's inference as the pass traced it, for the export to call (None: not computed here).
+        self.backbone_function: Any = None
 
     def key(self, backbone: Any, data_fingerprint: str) -> str:
         text = f"{FORMAT}:{backbone_fingerprint(backbone)}:{data_fingerprint}"
@@ -133,6 +135,9 @@ class FeatureCache:
         extract = tf.function(lambda x: backbone(x, training=False),
                               input_signature=[tf.TensorSpec((None, *images.shape), images.dtype)])
         traced = extract.get_concrete_function().structured_outputs
+        # Outside a distribution strategy's scope the same trace serves the export, which
+        # runs outside it too; inside one, the export traces its own.
+        self.backbone_function = None if tf.distribute.has_strategy() else extract
         specs = {"features": _spec(traced.shape[1:], traced.dtype), "labels": _spec(labels.shape, labels.dtype)}
         try:
             counts = {}

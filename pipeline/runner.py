@@ -113,7 +113,7 @@ def run(
         # A resumed run may have exported before it was killed (during the MLflow logging).
         with clock("export"):
             exported = stages.export.export(adapted, data, output_dir / "export", replace=resumed is not None,
-                                           features=result.features)
+                                           features=result.features, backbone_function=result.backbone_function)
         clock.move("verify", "export", exported.verify_seconds)
         stop_if_signalled()
         metrics = {**evaluation.metrics, "epochs_completed": float(result.epochs_completed), **exported.metrics}
@@ -201,7 +201,8 @@ def _train(stages: Stages, tracked, check: RerunCheck, output_dir: Path, resumin
     if weights is not None:
         with clock("source"):
             adapted = local_copy(lambda: _adapt(stages, data, tracked, check), weights)
-        result = replace(result, features=None)  # the copy is evaluated on the images themselves
+        # The copy is evaluated on the images themselves, and exported through its own trace.
+        result = replace(result, features=None, backbone_function=None)
     return adapted, data, result
 
 

@@ -56,6 +56,7 @@ def write_saved_model(
     max_pixels: int = 100_000_000,
     features: bool = False,
     input_kind: InputKind = "image",
+    call: Any = None,
 ) -> Path:
     """Writes `model` (raw 0-255 images of `input_shape` -> head outputs) with the signatures above.
 
@@ -64,6 +65,8 @@ def write_saved_model(
     `model` ends before the classifier, and each signature returns its output as `features`
     instead (the backbone a scikit-learn head's export serves, see `pipeline.estimators`).
     A text model (`input_kind="text"`) gets `serving_default` on a batch of strings.
+    `call(images)`, when given, computes `model(images, training=False)` for images of
+    `input_shape` (the export's composition of an already traced backbone and the head).
     """
     import tensorflow as tf
 
@@ -85,9 +88,13 @@ def write_saved_model(
 
     # The model is traced once, at its own input size; the endpoints call that one function
     # (a call op, not a copy of the graph), so writing and loading trace the network once.
+    if call is None:
+        def call(images):
+            return model(images, training=False)
+
     @tf.function(input_signature=[tf.TensorSpec((None, *input_shape), tf.float32)], autograph=False)
     def outputs_at_size(images):
-        return outputs_of(model(images, training=False))
+        return outputs_of(call(images))
 
     def serve_float(images):
         return outputs_at_size(serving_pixels(images, input_shape, resize))

@@ -180,6 +180,7 @@ class Trainer:
         )
 
         self._backbone_seconds = 0.0  # set by _cached_features when it computes the cache
+        self._backbone_function = None  # likewise: the traced backbone that computed it
         global_batch, steps_per_epoch = self._steps(data)
         optimizer = self._optimizer(adapted, steps_per_epoch)
         self._compile(adapted.model, adapted, optimizer)
@@ -239,7 +240,7 @@ class Trainer:
         # The cached outputs still describe the model's backbone only if it never trained.
         head_only = features is not None and epochs <= cached_epochs
         return TrainResult(values, epochs, weights_sha256(adapted.model), cache_status,
-                           features if head_only else None, self._backbone_seconds)
+                           features if head_only else None, self._backbone_seconds, self._backbone_function)
 
     def _fit_head_once(self, adapted: AdaptedModel, data: DataBundle, on_epoch_end: EpochHook,
                        checkpoint_dir: Path | None, first_epoch: int, optimizer: Any) -> TrainResult:
@@ -297,7 +298,7 @@ class Trainer:
                 checkpoint.set_params({"epochs": 1})
                 checkpoint.on_epoch_end(0)
         return TrainResult(history, 1, weights_sha256(adapted.model), status, features if cached else None,
-                           self._backbone_seconds)
+                           self._backbone_seconds, self._backbone_function)
 
     def _restore(self, adapted: AdaptedModel, checkpoint_dir: Path) -> int:
         """Load weights and optimizer state; replay the freeze schedule; the next epoch."""
@@ -356,6 +357,7 @@ class Trainer:
         try:
             features, hit = cache.load_or_compute(adapted.backbone, data, batch_size=self.batch_size)
             self._backbone_seconds = 0.0 if hit else time.perf_counter() - start
+            self._backbone_function = cache.backbone_function
         except OSError as error:
             reason = f"{type(error).__name__}: {error.strerror or error}"
             log.warning(

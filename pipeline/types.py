@@ -131,6 +131,9 @@ class TrainResult:
             evaluation need not run the unchanged backbone again; otherwise None.
         backbone_seconds: the wall time spent computing the feature cache (the backbone's
             one pass over every split); 0 on a cache hit or without the cache.
+        backbone_function: the `tf.function` that computed the cache, `backbone(images,
+            training=False)` on batches of any size, traced once; the export calls it rather
+            than trace the backbone again. None on a cache hit or without the cache.
     """
 
     history: dict[str, list[float]]
@@ -139,6 +142,7 @@ class TrainResult:
     feature_cache: str = ""
     features: Mapping[str, Any] | None = None
     backbone_seconds: float = 0.0
+    backbone_function: Any = None
 
 
 @dataclass(frozen=True)

@@ -521,3 +521,34 @@ def test_a_file_signature_that_serves_other_pixels_is_refused(hub_model_dir, tmp
     with pytest.raises(ExportError, match="saved_model export's predictions differ"):
         Exporter().export(adapted, _data(_images()), tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_the_export_calls_the_backbone_that_the_feature_pass_traced(hub_model_dir, tmp_path, monkeypatch):
+    from pipeline.features import FeatureCache
+
+    adapted = _adapted(hub_model_dir)
+    _spread(adapted, seed=4)
+    data = _data(_images())
+    cache = FeatureCache(tmp_path / "cache")
+    features, hit = cache.load_or_compute(adapted.backbone, data, batch_size=8)
+    assert not hit and cache.backbone_function is not None
+    calls = []
+    call = adapted.backbone.call
+    monkeypatch.setattr(adapted.backbone, "call", lambda *args, **kwargs: calls.append(1) or call(*args, **kwargs))
+
+    result = Exporter().export(adapted, data, tmp_path / "export", features=features,
+                               backbone_function=cache.backbone_function)
+    assert calls == []  # neither traced nor run again: the SavedModel calls the pass's function
+    assert result.max_abs_diff["saved_model"] < 1e-5  # and serves what the trained model computes
+    served = _load_serving_default(result.paths["saved_model"])
+    np.testing.assert_allclose(served(_images()), adapted.model.predict(_images(), verbose=0), atol=1e-5)
+
+    Exporter().export(adapted, data, tmp_path / "traced", features=features)
+    assert calls  # without it, the export traces the backbone itself
+
+
+def _load_serving_default(path):
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    return lambda images: signature(images=tf.constant(images))["probabilities"].numpy()

@@ -178,3 +178,20 @@ def test_a_sigterm_lost_inside_a_del_still_stops_the_run_at_the_next_stage(tmp_p
     assert killed.info.status == "KILLED"  # resumable by the same command
     assert not (tmp_path / "run" / "export").exists()  # stopped before the next stage
 
+
+
+def test_a_cold_frozen_run_exports_through_the_backbone_its_feature_pass_traced(tmp_path, monkeypatch):
+    from conftest import compose
+
+    import pipeline.export as export
+    from pipeline.runner import run
+
+    composed = export._composed
+    given = []
+    monkeypatch.setattr(export, "_composed", lambda adapted, function: given.append(function)
+                        or composed(adapted, function))
+    metrics = run(compose(["freeze=all", "train.epochs=2", "data.classes=[5,6,7]", "train.verbose=0",
+                           f"train.feature_cache_dir={tmp_path / 'cache'}"], tmp_path))
+    (function,) = given
+    assert function is not None and hasattr(function, "get_concrete_function")
+    assert metrics["export_saved_model_max_abs_diff"] < 1e-5
