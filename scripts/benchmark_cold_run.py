@@ -16,6 +16,11 @@ folder (scripts/benchmark_input.py's generator, 5 classes) and the same backbone
    model loaded as its kind is loaded by hand), beside the pipeline's own backbone pass
    (`seconds_backbone_pass` of a one-epoch cold run with that source, which computes the
    feature cache for all splits: the same images).
+   1b. **The same two passes side by side in one process**: the pipeline's own pass
+   (`FeatureCache` over its data stage and its source, built from the same config) and
+   the plain loop, alternating, after one untimed run of each; every run traces its
+   function anew, as one run of either does. On this shared 2-core machine speed drifts between processes by up to 2x, which separate runs cannot tell
+   from a slower pass; in one process, wall and CPU seconds compare like with like.
 2. **A cold frozen run**: `python -m pipeline freeze=all` with an empty feature cache, the
    default export (SavedModel + MLflow model), `--epochs` epochs, next to
    `scripts/plain_keras_transfer.py` (frozen; it runs the backbone in every epoch, as a
@@ -80,8 +85,9 @@ def make_sources(work: Path, size: int) -> dict[str, list[str]]:
     }
 
 
-def plain_predict(kind: str, work: Path, folder: Path, size: int, batch_size: int) -> None:
-    """A user's own loop over every image: the model of `kind` loaded by hand, `predict` on each batch."""
+def plain_loop(kind: str, work: Path, folder: Path, size: int, batch_size: int):
+    """A user's own loop over every image: the model of `kind` loaded by hand, `predict` on each
+    batch. Returns the loop as a function of no arguments giving the images it computed."""
     import keras
     import tensorflow as tf
 
@@ -102,18 +108,74 @@ def plain_predict(kind: str, work: Path, folder: Path, size: int, batch_size: in
             model = keras.saving.load_model(work / "mobilenet.keras")
         else:
             loaded = tf.saved_model.load(str(work / "mobilenet_savedmodel"))  # kept: it owns the variables
-            served = tf.function(loaded.serve)
             model = None
         images = images.map(lambda x: x / 127.5 - 1.0)
+
+    def run() -> int:
+        # Each run traces its function anew, as a script run once does (and the pipeline's pass).
+        if model is None:
+            served = tf.function(loaded.serve)
+            return sum(int(served(batch).shape[0]) for batch in images.prefetch(tf.data.AUTOTUNE))
+        model.predict_function = None
+        return len(model.predict(images.prefetch(tf.data.AUTOTUNE), verbose=0))
+
+    run.keep = loaded if model is None else model  # the SavedModel's variables live as long as the loop
+    return run
+
+
+def pipeline_pass(source: list[str], work: Path, folder: Path, size: int, batch_size: int):
+    """The pipeline's own backbone pass (`FeatureCache`: its data stage, its source, its loop),
+    built from the same config a run composes. Returns it as a function of no arguments that
+    fills a new, empty cache and gives the images it computed."""
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+
+    from pipeline import config
+    from pipeline.features import FeatureCache
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "data=image_folder", f"data.train_dir={folder}", f"data.image_size=[{size},{size}]", *source,
+            "freeze=all", f"output_dir={work}/side-by-side"])
+    data = config.build(cfg, "data").load()
+    backbone = config.build(cfg, "source").load().backbone
+
+    def run() -> int:
+        cache = FeatureCache(Path(tempfile.mkdtemp(prefix="cache-", dir=work)))
+        cache.load_or_compute(backbone, data, batch_size=batch_size)
+        return cache.computed_examples
+
+    return run
+
+
+def plain_predict(kind: str, work: Path, folder: Path, size: int, batch_size: int) -> None:
+    """One timed plain loop (a child process of its own), printed as JSON."""
+    run = plain_loop(kind, work, folder, size, batch_size)
     start, cpu = time.perf_counter(), time.process_time()
-    count = 0
-    if model is None:
-        for batch in images.prefetch(tf.data.AUTOTUNE):
-            count += int(served(batch).shape[0])
-    else:
-        count = len(model.predict(images.prefetch(tf.data.AUTOTUNE), verbose=0))
+    count = run()
     print(json.dumps({"images": count, "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu}),
           flush=True)
+
+
+def side_by_side(kind: str, work: Path, folder: Path, size: int, batch_size: int, repeat: int) -> None:
+    """Both passes in one process, alternating, `repeat` times each after one untimed run of
+    each (traces, first calls, file cache): the machine's drift between processes is out of
+    the comparison. Prints each side's wall and CPU seconds as JSON."""
+    sources = json.loads((work / "sources.json").read_text())
+    sides = {"plain": plain_loop(kind, work, folder, size, batch_size),
+             "pipeline": pipeline_pass(sources[kind], work, folder, size, batch_size)}
+    counts = {name: run() for name, run in sides.items()}
+    if len(set(counts.values())) != 1:
+        raise SystemExit(f"side by side: the two passes computed different numbers of images: {counts}")
+    found: dict[str, dict[str, list[float]]] = {name: {"seconds": [], "cpu_seconds": []} for name in sides}
+    for _ in range(repeat):
+        for name, run in sides.items():
+            start, cpu = time.perf_counter(), time.process_time()
+            run()
+            found[name]["seconds"].append(time.perf_counter() - start)
+            found[name]["cpu_seconds"].append(time.process_time() - cpu)
+    print(json.dumps(found), flush=True)
 
 
 def child(command: list[str], log: Path) -> tuple[float, str]:
@@ -169,10 +231,14 @@ def main(argv=None) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--plain-predict", nargs=5, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--make-sources", nargs=2, help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--side-by-side", nargs=6, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args(argv)
     if args.plain_predict:
         kind, work, folder, size, batch = args.plain_predict
         return plain_predict(kind, Path(work), Path(folder), int(size), int(batch))
+    if args.side_by_side:
+        kind, work, folder, size, batch, repeat = args.side_by_side
+        return side_by_side(kind, Path(work), Path(folder), int(size), int(batch), int(repeat))
     if args.make_sources:
         work, size = args.make_sources
         print(json.dumps(make_sources(Path(work), int(size))))
@@ -193,6 +259,7 @@ def main(argv=None) -> None:
           f"batch {batch}, {os.cpu_count()} CPUs; work directory {work}", flush=True)
     _, out = child([PYTHON, __file__, "--make-sources", str(work), str(size)], work / "make_sources.log")
     sources = json.loads(out.strip().splitlines()[-1])
+    (work / "sources.json").write_text(json.dumps(sources))
 
     print(f"\n1. the backbone pass over every image, per source kind (seconds; fastest of {args.repeat}, "
           "range in brackets)")
@@ -210,6 +277,21 @@ def main(argv=None) -> None:
             ours.append(stage_seconds(db)[before]["backbone_pass"])
         print(f"  {kind:12} {spread(plain):>20} {spread(ours):>20} {min(ours) / min(plain):6.2f}", flush=True)
     print("  target: the pipeline within 10% of the plain predict (ratio <= 1.10)")
+
+    print(f"\n1b. the same two passes in one process, alternating (fastest of {args.repeat} each, after one "
+          "untimed run of each; range in brackets)")
+    print(f"  {'kind':12} {'plain wall':>18} {'pipeline wall':>18} {'ratio':>6} {'plain CPU':>18} "
+          f"{'pipeline CPU':>18} {'ratio':>6}")
+    for kind in kinds:
+        _, out = child([PYTHON, __file__, "--side-by-side", kind, str(work), str(folder), str(size), str(batch),
+                        str(args.repeat)], work / f"side-by-side-{kind}.log")
+        found = json.loads(out.strip().splitlines()[-1])
+        cells = []
+        for measure in ("seconds", "cpu_seconds"):
+            plain, ours = found["plain"][measure], found["pipeline"][measure]
+            cells.append(f"{spread(plain):>18} {spread(ours):>18} {min(ours) / min(plain):6.2f}")
+        print(f"  {kind:12} " + " ".join(cells), flush=True)
+    print("  the machine's drift between processes is out of this comparison; same target (ratio <= 1.10)")
 
     print(f"\n2. a frozen run of {args.epochs} epochs, keras_app source (seconds)")
     plain_walls = []
