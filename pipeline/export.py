@@ -403,8 +403,14 @@ def _composed(adapted: AdaptedModel, backbone_function: Any) -> Any:
     export's check compares the result with the trained model's on the test images.
     """
     import keras
+    import tensorflow as tf
 
     if backbone_function is None:
+        return None
+    # The export's trace calls it on float32 images of the data's shape: a pass traced on
+    # other inputs (uint8 images, say) is not called, the model is traced instead.
+    spec = (getattr(backbone_function, "input_signature", None) or (None,))[0]
+    if spec is None or spec.dtype != tf.float32 or tuple(spec.shape[1:]) != tuple(adapted.model.inputs[0].shape[1:]):
         return None
     layers = [layer for layer in adapted.model.layers if not isinstance(layer, keras.layers.InputLayer)]
     if layers != [adapted.backbone, adapted.head]:

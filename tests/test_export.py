@@ -552,3 +552,16 @@ def _load_serving_default(path):
 
     signature = tf.saved_model.load(str(path)).signatures["serving_default"]
     return lambda images: signature(images=tf.constant(images))["probabilities"].numpy()
+
+
+def test_a_backbone_function_on_other_inputs_is_not_called(hub_model_dir):
+    import tensorflow as tf
+
+    from pipeline.export import _composed
+
+    adapted = _adapted(hub_model_dir)
+    for spec in (tf.TensorSpec((None, 8, 8, 1), tf.uint8), tf.TensorSpec((None, 16, 16, 1), tf.float32)):
+        function = tf.function(lambda x: adapted.backbone(tf.cast(x, tf.float32)), input_signature=[spec])
+        assert _composed(adapted, function) is None
+    same = tf.function(lambda x: adapted.backbone(x), input_signature=[tf.TensorSpec((None, 8, 8, 1), tf.float32)])
+    assert _composed(adapted, same) is not None
