@@ -107,7 +107,7 @@ def plain_loop(kind: str, work: Path, folder: Path, size: int, batch_size: int):
         elif kind == "keras_file":
             model = keras.saving.load_model(work / "mobilenet.keras")
         else:
-            loaded = tf.saved_model.load(str(work / "mobilenet_savedmodel"))  # kept: it owns the variables
+            loaded = tf.saved_model.load(str(work / "mobilenet_savedmodel"))  # run() holds it: it owns the variables
             model = None
         images = images.map(lambda x: x / 127.5 - 1.0)
 
@@ -118,8 +118,6 @@ def plain_loop(kind: str, work: Path, folder: Path, size: int, batch_size: int):
             return sum(int(served(batch).shape[0]) for batch in images.prefetch(tf.data.AUTOTUNE))
         model.predict_function = None
         return len(model.predict(images.prefetch(tf.data.AUTOTUNE), verbose=0))
-
-    run.keep = loaded if model is None else model  # the SavedModel's variables live as long as the loop
     return run
 
 
