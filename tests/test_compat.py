@@ -25,7 +25,7 @@ def test_compat_imports_no_heavy_library():
     # Config checks import it before TensorFlow.
     code = (
         "import sys, pipeline.compat; "
-        "print(sorted(m for m in ('keras', 'tensorflow', 'optuna', 'hydra') if m in sys.modules))"
+        "print(sorted(m for m in ('keras', 'tensorflow', 'optuna', 'hydra', 'mlflow') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True,
                             text=True, check=True)
@@ -144,6 +144,45 @@ def test_job_error_on_a_hydra_without_return_value(monkeypatch):
     monkeypatch.delattr(JobReturn, "_return_value")
     with pytest.raises(IncompatibleVersion, match="sweep job errors"):
         compat.check_job_error()
+
+
+def test_mlflow_saving_a_model_checks_its_pins_by_metadata_and_still_warns(monkeypatch, caplog):
+    import importlib_metadata
+    from mlflow.utils import environment, requirements_utils
+
+    mapped = []  # MLflow's own check maps every installed distribution first (cached per process)
+    monkeypatch.setattr(importlib_metadata, "packages_distributions", lambda: mapped.append(1) or {})
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    numpy = metadata.version("numpy")
+    with compat.pins_checked_by_metadata(), caplog.at_level("WARNING"):
+        # What mlflow.pyfunc.save_model does with the pip requirements it is given.
+        _, written, _ = environment._process_pip_requirements([], [f"numpy=={numpy}", "numpy-not-installed==1.0"])
+    assert mapped == []
+    assert f"numpy=={numpy}" in written
+    (warning,) = [record for record in caplog.records if record.name == "pipeline"]
+    assert "numpy-not-installed (current: uninstalled, required: numpy-not-installed==1.0)" in warning.message
+    assert "numpy (current" not in warning.message
+    assert environment.warn_dependency_requirement_mismatches is not compat._warn_mismatched_pins  # put back
+
+
+def test_mismatched_pins_words_each_unsatisfied_requirement_as_mlflow_does():
+    numpy = metadata.version("numpy")
+    assert compat.mismatched_pins([f"numpy=={numpy}", "numpy>=1", "-c constraints.txt",
+                                   "absent-package==1.0; python_version < '3'"]) == []
+    assert compat.mismatched_pins(["numpy==0.0.1", "absent-package==1.0"]) == [
+        f"numpy (current: {numpy}, required: numpy==0.0.1)",
+        "absent-package (current: uninstalled, required: absent-package==1.0)",
+    ]
+
+
+def test_mlflow_pins_on_an_mlflow_without_its_check_leave_mlflow_to_check(monkeypatch):
+    from mlflow.utils import environment
+
+    monkeypatch.delattr(environment, "warn_dependency_requirement_mismatches")
+    with pytest.raises(IncompatibleVersion, match="MLflow's check of a model's pins.*warn_dependency"):
+        compat.check_mlflow_pins()
+    with compat.pins_checked_by_metadata():  # a speed patch: nothing to swap, nothing fails
+        assert not hasattr(environment, "warn_dependency_requirement_mismatches")
 
 
 @pytest.mark.parametrize("package", ["keras", "hydra-core"])

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,8 @@ def test_log_model_registers_a_pyfunc_with_signature_and_input_example(store, lo
             ]
             example = model.input_example
             np.testing.assert_array_equal(example, np.load(root / "input_example.npy")[:1])
+            pins = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().split()
+            assert {f"{name}=={metadata.version(name)}" for name in ("tensorflow", "numpy", "pandas", "mlflow")} <= set(pins)
             images = _images_for_model()
             frame = model.predict(images)
             expected = adapted.model.predict(images, verbose=0)

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from pipeline import compat
 from pipeline.errors import ExportError
 from pipeline.estimators import SKOPS_FILE
 from pipeline.export import TEXT_EXAMPLE
@@ -80,7 +81,7 @@ def log_model(client: Any, run_id: str, tracking_uri: str, export_root: Path, re
             example = _example_texts(root / TEXT_EXAMPLE)
         else:
             example = np.load(root / "input_example.npy")[:1].astype("float32")
-        with store.active_store(tracking_uri):
+        with store.active_store(tracking_uri), compat.pins_checked_by_metadata():
             # Created here, in the run's experiment: left to itself MLflow would use the
             # process's active experiment, which is not ours.
             logged = mlflow.initialize_logged_model(
