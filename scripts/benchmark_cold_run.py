@@ -26,6 +26,10 @@ folder (scripts/benchmark_input.py's generator, 5 classes) and the same backbone
    `scripts/plain_keras_transfer.py` (frozen; it runs the backbone in every epoch, as a
    hand-written per-epoch script does) for the same epochs.
 3. **The same run warm**: the pipeline command again, on the cache the cold run left.
+4. **The imports alone**: a process that imports what a run imports (Hydra and the
+   pipeline's modules, TensorFlow and Keras, MLflow with its SQL store, scikit-learn's
+   metrics and matplotlib) and exits. No run can cost less than that in one process: the
+   fixed costs above it are the stages' own work.
 
 For the pipeline's runs it prints the seconds per stage that the run logged itself
 (`seconds_*` MLflow metrics, `pipeline/timing.py`): start-up, imports, setup, data, source,
@@ -176,6 +180,30 @@ def side_by_side(kind: str, work: Path, folder: Path, size: int, batch_size: int
     print(json.dumps(found), flush=True)
 
 
+# What a frozen run imports, in the order it does (`python -X importtime -m pipeline` lists them).
+IMPORT_GROUPS = {
+    "hydra_and_pipeline": ("hydra", "omegaconf", "pipeline.runner"),
+    "tensorflow_keras": ("keras",),
+    "mlflow_sql_store": ("mlflow", "mlflow.store.tracking.sqlalchemy_store"),
+    "sklearn_matplotlib": ("sklearn.metrics", "matplotlib.figure"),
+}
+
+
+def import_floor() -> None:
+    """Imports what a run imports, timing each group; prints them as JSON and exits as the
+    pipeline's command does (without the interpreter's teardown: `pipeline.quick_exit`)."""
+    import importlib
+
+    found = {}
+    for group, modules in IMPORT_GROUPS.items():
+        start = time.perf_counter()
+        for module in modules:
+            importlib.import_module(module)
+        found[group] = time.perf_counter() - start
+    print(json.dumps(found), flush=True)
+    os._exit(0)
+
+
 def child(command: list[str], log: Path) -> tuple[float, str]:
     """Runs `command`; its wall seconds and output (stdout then stderr, also kept in `log`)."""
     start = time.perf_counter()
@@ -230,7 +258,10 @@ def main(argv=None) -> None:
     parser.add_argument("--plain-predict", nargs=5, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--make-sources", nargs=2, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--side-by-side", nargs=6, help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--import-floor", action="store_true", help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args(argv)
+    if args.import_floor:
+        return import_floor()
     if args.plain_predict:
         kind, work, folder, size, batch = args.plain_predict
         return plain_predict(kind, Path(work), Path(folder), int(size), int(batch))
@@ -316,6 +347,21 @@ def main(argv=None) -> None:
               f"(walls {spread([wall for wall, _ in found])})")
     print("  targets: fixed costs < 10 s; cold / plain <= 0.25 at 1500 images of 224x224, 10 epochs; "
           "<= 1.0 for the small run (--quick)")
+
+    print(f"\n4. the imports alone: a process that imports what a run imports and exits (seconds; fastest "
+          f"of {args.repeat}, by wall time)")
+    floors = []
+    for attempt in range(args.repeat):
+        wall, out = child([PYTHON, __file__, "--import-floor"], work / f"import-floor-{attempt}.log")
+        floors.append((wall, json.loads(out.strip().splitlines()[-1])))
+    wall, groups = min(floors, key=lambda floor: floor[0])
+    for group, seconds in groups.items():
+        print(f"  {group:20} {seconds:6.1f}")
+    print(f"  {'wall (process)':20} {wall:6.1f}   (range {spread([w for w, _ in floors])}; interpreter start "
+          "and exit included)")
+    for name, run in fastest.items():
+        print(f"  {name} run: fixed costs {run[1].get('fixed', 0.0):.1f}, of which {run[1].get('fixed', 0.0) - wall:.1f} "
+              "above the imports alone")
     if args.keep:
         print(f"\nkept {work}")
     else:
