@@ -4,14 +4,20 @@ Once a run has finished (its files written and closed, its MLflow run ended, its
 printed), Python still tears down every module and object before the process ends: with
 TensorFlow, Keras and MLflow loaded that takes 2-3.5 s on 2 cores, after the last line a
 user waits for, and it writes nothing. `exit_after(main)` runs a command's `main`, then
-does what a normal exit does that matters (the `atexit` handlers: logging's flush and
-close, MLflow's, coverage's; the standard streams flushed) and ends the process with
-`os._exit` and the same exit status.
+does what a normal exit does that matters, in the interpreter's order: it waits for the
+other threads (their own exit calls first, such as a thread pool's shutdown, which lets its
+idle workers end and waits for busy ones; then every non-daemon thread is joined), runs the
+`atexit` handlers (logging's flush and close, MLflow's, coverage's) and flushes the
+standard streams; then it ends the process with `os._exit` and the same exit status.
 
-It falls back to a normal exit whenever the teardown could matter: another non-daemon
-thread still running (the interpreter would wait for it), or a profiler or tracer attached
-(`python -m cProfile` writes its report after `main` returns). A crash, an exception other
-than `SystemExit`, takes the normal path too, with its traceback.
+MLflow's local artifact store keeps a pool of worker threads, idle once the artifacts are
+copied, for the rest of the process; before this waited for them, every run that logged an
+export took the slow exit.
+
+It falls back to a normal exit whenever the teardown could matter: a profiler or tracer
+attached (`python -m cProfile` writes its report after `main` returns), `main` run outside
+the main thread, or a Python without the private functions used here. A crash, an
+exception other than `SystemExit`, takes the normal path too, with its traceback.
 """
 
 from __future__ import annotations
@@ -42,12 +48,15 @@ def exit_after(main: Callable[[], Any]) -> NoReturn:
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
-    # A private function of CPython's (since 3.0): without it, the atexit handlers would be skipped.
+    # Private functions of CPython's (since 3.0), what its own exit calls first: without them,
+    # the other threads or the atexit handlers would be cut short.
+    wait_for_threads = getattr(threading, "_shutdown", None)
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
-    if run_exit_handlers is None or not safe_to_skip_teardown():
+    if wait_for_threads is None or run_exit_handlers is None or not safe_to_skip_teardown():
         raise SystemExit(code)
     for stream in (sys.stdout, sys.stderr):
         _flush(stream)
+    wait_for_threads()  # thread pools shut down (MLflow's artifact workers), non-daemon threads joined
     run_exit_handlers()  # logging.shutdown among them: Hydra's log file is flushed and closed
     for stream in (sys.stdout, sys.stderr):
         _flush(stream)
@@ -55,9 +64,9 @@ def exit_after(main: Callable[[], Any]) -> NoReturn:
 
 
 def safe_to_skip_teardown() -> bool:
-    """No other non-daemon thread alive, and no profiler, tracer or monitoring tool attached."""
-    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
-    if others or threading.current_thread() is not threading.main_thread():
+    """In the main thread (which the wait for the others needs), and no profiler, tracer or
+    monitoring tool attached."""
+    if threading.current_thread() is not threading.main_thread():
         return False
     if sys.getprofile() is not None or sys.gettrace() is not None:
         return False

@@ -61,17 +61,40 @@ def test_system_exit_keeps_its_code_and_message(tmp_path):
     assert done.returncode == 2 and _marks(tmp_path) == {"atexit"}
 
 
-def test_a_running_non_daemon_thread_gets_the_normal_exit_that_waits_for_it(tmp_path):
+def test_a_running_non_daemon_thread_is_waited_for_before_the_atexit_handlers(tmp_path):
     done = _run(tmp_path, """
         def late():
             time.sleep(1.0)
             (marks / "thread").write_text("finished")
+            time.sleep(0.2)
+            (marks / "thread-then").write_text("before atexit" if not (marks / "atexit").exists() else "after")
 
         def main():
             threading.Thread(target=late).start()
     """)
-    assert done.returncode == 0
-    assert _marks(tmp_path) == {"atexit", "thread", "teardown"}
+    assert done.returncode == 0, done.stderr
+    assert _marks(tmp_path) == {"atexit", "thread", "thread-then"}  # waited for; the teardown still skipped
+    assert (tmp_path / "marks" / "thread-then").read_text() == "before atexit"
+
+
+def test_a_thread_pool_left_open_ends_its_work_and_the_teardown_is_skipped(tmp_path):
+    # MLflow's local artifact store keeps such a pool, idle, once a run has logged its files.
+    done = _run(tmp_path, """
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="left-open")
+
+        def slow(name):
+            time.sleep(0.5)
+            (marks / name).write_text("done")
+
+        def main():
+            pool.submit(slow, "idle-before").result()
+            pool.submit(slow, "busy-at-exit")  # still running when main returns
+            return 5
+    """)
+    assert done.returncode == 5, done.stderr
+    assert _marks(tmp_path) == {"atexit", "idle-before", "busy-at-exit"}
 
 
 def test_a_profiler_gets_the_normal_exit_so_that_its_report_is_written(tmp_path):
