@@ -69,6 +69,9 @@ def run(
     with clock("imports"):  # TensorFlow and Keras, which building the stages needs: seconds of their own
         import keras  # noqa: F401
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    # TensorFlow's own INFO lines (absl's logger) are not the run's story: writing a SavedModel
+    # logs every captured variable's number, kilobytes a line, into the run's log.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     stages = Stages.build(cfg)
     check = RerunCheck(rerun_of)
     trial = _trial(cfg)  # None unless an Optuna sweep runs this job as a trial

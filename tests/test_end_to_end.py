@@ -89,6 +89,14 @@ def test_mlflow_has_params_epoch_metrics_final_metrics_tags_and_artifacts(defaul
     assert "export/saved_model" in exported and "export/labels.txt" in exported
 
 
+def test_the_run_log_tells_the_run_without_tensorflows_info_lines(default_run):
+    tmp_path, _ = default_run
+    log = (tmp_path / "run" / "pipeline.log").read_text()
+    assert "data: " in log and "trained weights sha256" in log
+    assert "[absl][INFO]" not in log  # writing the SavedModel logged every captured variable's number
+    assert max(len(line) for line in log.splitlines()) < 2000
+
+
 def test_the_run_logs_where_its_time_went(default_run):
     tmp_path, done = default_run
     _, run = _only_run(tmp_path)
