@@ -10,9 +10,9 @@ idle workers end and waits for busy ones; then every non-daemon thread is joined
 `atexit` handlers (logging's flush and close, MLflow's, coverage's) and flushes the
 standard streams; then it ends the process with `os._exit` and the same exit status.
 
-MLflow's local artifact store keeps a pool of worker threads, idle once the artifacts are
-copied, for the rest of the process; before this waited for them, every run that logged an
-export took the slow exit.
+Waiting matters for the pipeline's own runs: MLflow's local artifact store keeps a pool of
+worker threads, idle once the artifacts are copied, for the rest of the process, and a
+check for "no other thread alive" sent every run that logged its export to the slow exit.
 
 It falls back to a normal exit whenever the teardown could matter: a profiler or tracer
 attached (`python -m cProfile` writes its report after `main` returns), `main` run outside
