@@ -331,10 +331,10 @@ def main(argv=None) -> None:
                          "--output", str(work / f"plain-{attempt}.keras")], work / f"plain-{attempt}.log")
         plain_walls.append(wall)
         for name in ("cold", "warm"):  # warm: the same command again, on the cache the cold run left
-            before = len(stage_seconds(work / "mlflow.db"))
+            before = len(stage_seconds(db)) if db.exists() else 0  # none yet without section 1's kinds
             wall, _ = child(pipeline_command(work, folder, size, batch, sources["keras_app"], f"cache-run-{attempt}",
                                              f"train.epochs={args.epochs}"), work / f"pipeline-{name}-{attempt}.log")
-            runs[name].append((wall, stage_seconds(work / "mlflow.db")[before]))
+            runs[name].append((wall, stage_seconds(db)[before]))
     fastest = {name: min(found, key=lambda run: run[0]) for name, found in runs.items()}
     print(f"  {'stage':16} {'cold':>8} {'warm':>8}   (the fastest run of each, by wall time)")
     for stage in (*STAGES, "fixed", "total"):
