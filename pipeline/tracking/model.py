@@ -10,6 +10,7 @@ takes strings.
 from __future__ import annotations
 
 import json
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,30 +31,25 @@ _NAME = "model"  # the run's MLflow model, `runs:/<run_id>/model`
 _WEIGHTS_TAG = "weights_sha256"  # on the logged model: the trained weights it serves
 
 
-def log_model(client: Any, run_id: str, tracking_uri: str, export_root: Path, register_as: str | None) -> str:
-    """Logs the export's SavedModel as run `run_id`'s MLflow model `model`; returns its URI.
+@dataclass(frozen=True)
+class ServedModel:
+    """What the MLflow model of an export serves, read from the export's files (TensorFlow's
+    protocol buffers): its `artifacts` (name to path), its pip `requirements` (distribution
+    names) and whether it takes texts. Plain values, so that the tracker's own process,
+    which never imports TensorFlow, can log it (`pipeline.tracking.process`)."""
 
-    A pyfunc (`pipeline/mlflow_model.py`) with a tensor signature (float32 raw images,
-    any size) and the export's `input_example.npy`, so that `mlflow.pyfunc.load_model`
-    and `mlflow models predict` work. A text export (it holds `input_example.json`, and its
-    `serving_default` takes strings) gets a signature of one column of strings instead
-    (`_text_signature`) and the texts of `input_example.json` as its example. With
-    `register_as=NAME` (`tracking.register_as`) it is also registered, and the URI returned
-    is `models:/NAME/<version>`; otherwise `runs:/<run_id>/model`.
+    artifacts: dict[str, str]
+    requirements: tuple[str, ...]
+    text: bool
 
-    Idempotent for a resumed run: a model this run already logged from the same weights
-    (its `weights_sha256` tag) is kept, not logged again, and a version already registered
-    from it is returned, not registered again; a leftover of a killed attempt (pending, or
-    from other weights) is deleted. So a kill anywhere in here leaves one model, one version.
+
+def served_model(export_root: Path) -> ServedModel:
+    """The `ServedModel` of the export at `export_root`.
 
     Raises:
         ExportError: when the export holds no SavedModel, or its example file and its
             SavedModel disagree on what the model takes (images or texts).
     """
-    import mlflow
-    import numpy as np
-    from mlflow.models import Model
-
     root = Path(export_root)
     if (root / SKOPS_FILE).is_file() and (root / "backbone" / "saved_model.pb").is_file():
         # A scikit-learn head: the backbone's features through the classifier.
@@ -72,6 +68,36 @@ def log_model(client: Any, run_id: str, tracking_uri: str, export_root: Path, re
     if text_ops(served):  # a tokenizer of TF.Text's (BERT preprocessors, KerasHub presets)
         requirements = (*requirements, "tensorflow-text")
     artifacts = {name: str(path) for name, path in {**artifacts, "labels": root / "labels.txt"}.items()}
+    return ServedModel(artifacts, tuple(requirements), text)
+
+
+def log_model(client: Any, run_id: str, tracking_uri: str, export_root: Path, register_as: str | None,
+              served: ServedModel | None = None) -> str:
+    """Logs the export's SavedModel as run `run_id`'s MLflow model `model`; returns its URI.
+
+    A pyfunc (`pipeline/mlflow_model.py`) with a tensor signature (float32 raw images,
+    any size) and the export's `input_example.npy`, so that `mlflow.pyfunc.load_model`
+    and `mlflow models predict` work. A text export (it holds `input_example.json`, and its
+    `serving_default` takes strings) gets a signature of one column of strings instead
+    (`_text_signature`) and the texts of `input_example.json` as its example. With
+    `register_as=NAME` (`tracking.register_as`) it is also registered, and the URI returned
+    is `models:/NAME/<version>`; otherwise `runs:/<run_id>/model`. `served`: the export's
+    `served_model`, when read already.
+
+    Idempotent for a resumed run: a model this run already logged from the same weights
+    (its `weights_sha256` tag) is kept, not logged again, and a version already registered
+    from it is returned, not registered again; a leftover of a killed attempt (pending, or
+    from other weights) is deleted. So a kill anywhere in here leaves one model, one version.
+
+    Raises:
+        ExportError: as `served_model`.
+    """
+    import mlflow
+    import numpy as np
+    from mlflow.models import Model
+
+    root = Path(export_root)
+    artifacts, requirements, text = astuple(served or served_model(root))
     run = client.get_run(run_id)
     experiment_id = run.info.experiment_id
     weights = run.data.tags.get("weights_sha256", "")

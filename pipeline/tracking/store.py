@@ -49,7 +49,7 @@ def store_uri(uri: str) -> str:
     has a query (`?timeout=5`) is the user's choice and stays as given.
     """
     uri = absolute_uri(uri)
-    if _database_file(uri) is None or "?" in uri:
+    if database_file(uri) is None or "?" in uri:
         return uri
     return f"{uri}?timeout={SQLITE_BUSY_TIMEOUT_S}"
 
@@ -89,7 +89,7 @@ def refusals(uri: str) -> Iterator[None]:
         if database is None and not denied:
             raise
         reason = str(getattr(database, "orig", None) or database or error).splitlines()[0][:300]
-        path = _database_file(uri)
+        path = database_file(uri)
         if path is None:
             fix = "check that the server lets you write (its permissions, its disk)"
         elif "locked" in reason:
@@ -106,7 +106,7 @@ def refusals(uri: str) -> Iterator[None]:
 def _create_database_file(uri: str) -> None:
     """Creates a new SQLite store's (empty) file, so that a folder where it cannot be created
     fails now, not after MLflow's retries of a minute and a half."""
-    database = _database_file(uri)
+    database = database_file(uri)
     if database is None or "?" in uri or str(database).startswith("file:") or database.exists():
         return  # a URI with options (`?mode=ro&uri=true`) is the user's to open as given
     try:
@@ -185,7 +185,7 @@ def check_server(uri: str, timeout: float) -> None:
     _ANSWERED.add(uri)
 
 
-def _database_file(uri: str) -> Path | None:
+def database_file(uri: str) -> Path | None:
     """The database file of a SQLite URI; None for an in-memory or a non-SQLite store."""
     if not uri.startswith(_SQLITE):
         return None
@@ -202,7 +202,7 @@ def _opening(uri: str) -> Iterator[None]:
     Without `fcntl` (Windows) or where the lock file cannot be written (a read-only store),
     the store is opened unlocked, as MLflow would.
     """
-    database = _database_file(uri)
+    database = database_file(uri)
     try:
         import fcntl
     except ImportError:

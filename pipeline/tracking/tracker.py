@@ -14,6 +14,7 @@ import os
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,33 @@ _MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
 KILLED_REASON = "killed_reason"  # tag of a KILLED run: why it stopped (removed when resumed)
 SWEEP_KEY = "sweep_sha256"  # tag of a sweep's parent run: the command that started the sweep
 log = logging.getLogger("pipeline")
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a run ends: its status and what is kept with it. Plain strings, so that it can be
+    sent to the tracker's own process (`pipeline.tracking.process`).
+
+    `FINISHED`: it ran to its end, or a sweep's pruner stopped it (`TrialPruned`).
+    `KILLED`: stopped from outside the model (`reason`: a signal, the disk, the store); the
+    same command resumes it. `FAILED`: its own error (`traceback`, and `error` as a tag).
+    """
+
+    status: str
+    reason: str | None = None
+    traceback: str | None = None
+    error: str = ""
+
+    @classmethod
+    def of(cls, error: BaseException | None) -> Ending:
+        """The ending of a run that raised `error` (None: it did not)."""
+        if error is None or isinstance(error, TrialPruned):
+            return cls("FINISHED")
+        reason = outside_the_model(error)
+        if reason is not None:
+            return cls("KILLED", reason=reason)
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        return cls("FAILED", traceback=text, error=f"{type(error).__name__}: {error}")
 
 
 class TrackedRun:
@@ -89,6 +117,18 @@ class TrackedRun:
             return model.log_model(
                 self._client, self.run_id, self.tracking_uri, Path(export_root), self.register_as
             )
+
+    def end(self, ending: Ending) -> None:
+        """Closes the run with `ending`'s status: FINISHED (a refusal raises TrackingError), or
+        FAILED with the traceback as an artifact, or KILLED with the reason as a tag (a
+        refusal of these is only logged: the error that ended the run is the one to report)."""
+        if ending.status == "FINISHED":
+            with refusals(self.tracking_uri):
+                self._client.set_terminated(self.run_id, status="FINISHED")
+            return
+        if ending.traceback is not None:
+            _log_traceback(self._client, self.run_id, ending.traceback, ending.error)
+        _end(self._client, self.run_id, ending.status, ending.reason)
 
     @property
     def ui_command(self) -> str:
@@ -177,8 +217,25 @@ class MlflowTracker:
             parent_run_id: make the run a child of this one (a sweep's parent run).
         """
         if not record:
-            yield _SilentRun()
+            yield SilentRun()
             return
+        run = self.open(params, tags, resume_run_id, parent_run_id)
+        try:
+            yield run
+        except BaseException as error:
+            run.end(Ending.of(error))
+            raise
+        run.end(Ending.of(None))
+
+    def open(
+        self,
+        params: Mapping[str, str],
+        tags: Mapping[str, str],
+        resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> TrackedRun:
+        """What `run` opens: a new run (or `resume_run_id` reopened) with `params` and `tags`.
+        The caller ends it (`TrackedRun.end`); a failure here ends it before raising."""
         from mlflow.entities import Param
 
         client = self._client()
@@ -203,20 +260,10 @@ class MlflowTracker:
                 for start in range(0, len(params_list), 100):  # MLflow takes 100 params a batch
                     client.log_batch(run.run_id, params=params_list[start : start + 100])
                 client.set_tag(run.run_id, "mlflow.source.type", "LOCAL")
-            yield run
-        except TrialPruned:  # an Optuna sweep's pruner stopped the trial: a normal end, not resumable
-            with refusals(self.uri):
-                client.set_terminated(run.run_id, status="FINISHED")
-            raise
         except BaseException as error:
-            reason = outside_the_model(error)
-            if reason is None:
-                _log_traceback(client, run.run_id, error)
-            _end(client, run.run_id, "KILLED" if reason else "FAILED", reason)
+            run.end(Ending.of(error))
             raise
-        else:
-            with refusals(self.uri):
-                client.set_terminated(run.run_id, status="FINISHED")
+        return run
 
     def find_resumable(self, config_sha256: str) -> tuple[str, str] | None:
         """The newest run of this config that was killed (or whose process died), if any."""
@@ -316,10 +363,9 @@ def _end(client, run_id: str, status: str, reason: str | None) -> None:
                     str(error).splitlines()[0][:300] if str(error) else type(error).__name__)
 
 
-def _log_traceback(client, run_id: str, error: BaseException) -> None:
+def _log_traceback(client, run_id: str, text: str, error: str) -> None:
     import tempfile
 
-    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "traceback.txt")
         with open(path, "w") as handle:
@@ -329,12 +375,12 @@ def _log_traceback(client, run_id: str, error: BaseException) -> None:
         except Exception:  # the status set after this matters more than the artifact
             pass
     try:
-        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+        client.set_tag(run_id, "error", error[:5000])
     except Exception:  # and more than the tag
         pass
 
 
-class _SilentRun(TrackedRun):
+class SilentRun(TrackedRun):
     """Stands in for a run on processes that must not log (non-chief workers)."""
 
     def __init__(self):
@@ -354,3 +400,6 @@ class _SilentRun(TrackedRun):
 
     def log_model(self, export_root: Path) -> str:
         return ""
+
+    def end(self, ending: Ending) -> None:
+        pass
