@@ -39,6 +39,7 @@ from pipeline.hydra_app import start_error, tidy_run_dir
 from pipeline.resume import RUN_FILE, resume_target
 from pipeline.sweep import PARENT_RUN_ENV
 from pipeline.timing import StageClock, since_process_start
+from pipeline.tracking.process import in_own_process
 from pipeline.trials import TRIAL_STATE, TrialAddress, TrialReporter
 
 log = logging.getLogger("pipeline")
@@ -66,13 +67,25 @@ def run(
     """
     clock = StageClock(startup)
     resolved = config.validate(cfg)  # before TensorFlow is imported
+    # MLflow's import and its store's opening in a process of their own, on the other core,
+    # while this one imports TensorFlow (`pipeline.tracking.process`).
+    # A non-chief multi-worker task logs nothing: it needs no such process.
+    tracker = config.build(cfg, "tracking")
+    chief = is_chief(cfg.train.get("strategy", "default"), cfg.train.get("cluster", "tf_config"))
+    with in_own_process(tracker) if chief else nullcontext(tracker) as tracking:
+        return _run(cfg, resolved, tracking, clock, rerun_of, on_run_dir)
+
+
+def _run(cfg: DictConfig, resolved: dict[str, Any], tracking: Any, clock: StageClock,
+         rerun_of: tuple[str, Mapping[str, str]] | None, on_run_dir: Callable[[Path, bool], None] | None,
+         ) -> dict[str, float]:
     with clock("imports"):  # TensorFlow and Keras, which building the stages needs: seconds of their own
         import keras  # noqa: F401
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     # TensorFlow's own INFO lines (absl's logger) are not the run's story: writing a SavedModel
     # logs every captured variable's number, kilobytes a line, into the run's log.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    stages = Stages.build(cfg)
+    stages = Stages.build(cfg, tracking)
     check = RerunCheck(rerun_of)
     trial = _trial(cfg)  # None unless an Optuna sweep runs this job as a trial
     identity = provenance.config_fingerprint(resolved)
@@ -141,8 +154,10 @@ class Stages:
     tracking: Any
 
     @classmethod
-    def build(cls, cfg: DictConfig) -> Stages:
-        return cls(**{group: config.build(cfg, group) for group in cls.__dataclass_fields__})
+    def build(cls, cfg: DictConfig, tracking: Any) -> Stages:
+        """The stages of `cfg`, with `tracking` (built before the others: see `run`)."""
+        groups = [group for group in cls.__dataclass_fields__ if group != "tracking"]
+        return cls(**{group: config.build(cfg, group) for group in groups}, tracking=tracking)
 
 
 class RerunCheck:

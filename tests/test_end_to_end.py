@@ -36,9 +36,12 @@ def _run_cli(tmp_path, *overrides: str, env: dict[str, str] | None = None) -> su
 
 
 # Marks how the process ended: `atexit` when the atexit handlers ran, `teardown` when the
-# interpreter tore its modules down (which `pipeline.quick_exit` skips).
+# interpreter tore its modules down (which `pipeline.quick_exit` skips). At its exit it also
+# lists the MLflow and SQLAlchemy modules it had loaded (`loaded.json`).
 _EXIT_MARKS = """
 import atexit
+import json
+import sys
 from pathlib import Path
 
 _marks = Path(__file__).resolve().parent.parent / "exit-marks"
@@ -52,6 +55,8 @@ class _Teardown:
 
 _kept_until_teardown = _Teardown()
 atexit.register(lambda: (_marks / "atexit").write_text("ran"))
+atexit.register(lambda: (_marks.parent / "loaded.json").write_text(json.dumps(
+    sorted(name for name in sys.modules if name.split(".")[0] in ("mlflow", "sqlalchemy", "alembic")))))
 """
 
 
@@ -86,6 +91,12 @@ def test_the_process_ends_after_the_run_without_the_interpreters_teardown(defaul
     # teardown of TensorFlow and Keras (2-4 s after the summary).
     tmp_path, _ = default_run
     assert {path.name for path in (tmp_path / "exit-marks").iterdir()} == {"atexit"}
+
+
+def test_the_runs_process_leaves_mlflow_to_the_tracker_process(default_run):
+    # MLflow is imported by the tracker's own process, meanwhile TensorFlow is imported here.
+    tmp_path, _ = default_run
+    assert json.loads((tmp_path / "loaded.json").read_text()) == []
 
 
 def test_default_experiment_finishes_and_prints_the_summary(default_run):

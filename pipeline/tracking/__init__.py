@@ -3,6 +3,8 @@ the file MLflow itself runs to serve a logged model).
 
 - `store`: the tracking store's URI and client; how a busy SQLite store is waited for.
 - `tracker`: `MlflowTracker` opens runs; `TrackedRun` is what stages report to.
+- `process`: the same, answered by a process of its own that imports MLflow while a
+  command's run imports TensorFlow (`in_own_process`).
 - `model`: logging an export as an MLflow model, and loading it back for `pipeline.predict`.
 - `report`: a sweep's parent run closed with its report.
 - `runs`: an earlier run read back (its config and tags, its run directory).
