@@ -172,16 +172,26 @@ def extract_features(cfg: Any) -> tuple[Extracted, Any]:
     Returns what was written and the MLflow run (`TrackedRun`). Every user mistake (config,
     data, source, a data/source mismatch) raises before the backbone runs.
     """
-    from pipeline import config, provenance
-    from pipeline.adapt import check_input_kind, check_input_shape
-    from pipeline.features import backbone_fingerprint
-    from pipeline.files import run_dir_lock
+    from pipeline import config
+    from pipeline.tracking.process import in_own_process
 
     cfg = _in_data_order(cfg)
     resolved = config.validate(cfg)  # before TensorFlow is imported
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     extractor, source_option, data_option, tracker = (
         config.build(cfg, group) for group in ("extract", "source", "data", "tracking"))
+    # MLflow is imported by the tracker's own process meanwhile, as in a run (`pipeline.tracking.process`).
+    with in_own_process(tracker) as tracking:
+        return _extract(cfg, resolved, extractor, source_option, data_option, tracking)
+
+
+def _extract(cfg: Any, resolved: dict[str, Any], extractor: Any, source_option: Any, data_option: Any,
+             tracker: Any) -> tuple[Extracted, Any]:
+    from pipeline import config, provenance
+    from pipeline.adapt import check_input_kind, check_input_shape
+    from pipeline.features import backbone_fingerprint
+    from pipeline.files import run_dir_lock
+
     import keras
 
     # As a training run seeds before it loads: a source with random weights (weights=null) is
