@@ -44,7 +44,7 @@ from typing import Any
 
 from pipeline import errors
 from pipeline.errors import PipelineError, TrackingError
-from pipeline.tracking.tracker import Ending, MlflowTracker, SilentRun, TrackedRun
+from pipeline.tracking.tracker import Ending, MlflowTracker, Opens, TrackedRun
 
 log = logging.getLogger("pipeline")
 _ROOT = Path(__file__).resolve().parents[2]  # where the `pipeline` package is
@@ -71,7 +71,7 @@ def in_own_process(tracker: Any) -> Iterator[Any]:
         process.close()
 
 
-class TrackerProcess:
+class TrackerProcess(Opens):
     """`MlflowTracker`'s methods, answered by a process of its own (see the module)."""
 
     def __init__(self, tracker: MlflowTracker):
@@ -107,28 +107,12 @@ class TrackerProcess:
         found = self.call("finished_child", parent_run_id, config_sha256)
         return tuple(found) if found else None
 
-    @contextmanager
-    def run(
-        self,
-        params: Mapping[str, str],
-        tags: Mapping[str, str],
-        record: bool = True,
-        resume_run_id: str | None = None,
-        parent_run_id: str | None = None,
-    ) -> Iterator[TrackedRun]:
-        """As `MlflowTracker.run`: opens the run there and ends it with this process's outcome."""
-        if not record:
-            yield SilentRun()
-            return
+    def open(self, params: Mapping[str, str], tags: Mapping[str, str], resume_run_id: str | None = None,
+             parent_run_id: str | None = None) -> TrackedRun:
+        """As `MlflowTracker.open`, there; `run` (of `Opens`) ends it with this process's outcome."""
         params = {key: str(value) for key, value in params.items()}
         tags = {key: str(value) for key, value in tags.items()}
-        run = ProcessRun(self, self.call("open", params, tags, resume_run_id, parent_run_id))
-        try:
-            yield run
-        except BaseException as error:
-            run.end(Ending.of(error))
-            raise
-        run.end(Ending.of(None))
+        return ProcessRun(self, self.call("open", params, tags, resume_run_id, parent_run_id))
 
     def call(self, name: str, *args: Any) -> Any:
         """`name(*args)` answered by the other process; raises its error here.

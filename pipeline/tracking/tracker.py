@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import traceback
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -137,7 +138,44 @@ class TrackedRun:
         return f"mlflow ui --backend-store-uri {self.tracking_uri}"
 
 
-class MlflowTracker:
+class Opens(ABC):
+    """`run`, the context of an MLflow run, for a tracker that has `open(params, tags,
+    resume_run_id, parent_run_id) -> TrackedRun`."""
+
+    @contextmanager
+    def run(
+        self,
+        params: Mapping[str, str],
+        tags: Mapping[str, str],
+        record: bool = True,
+        resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> Iterator[TrackedRun]:
+        """Open a run, log `params` and `tags`, and close it with the right status.
+
+        Args:
+            record: false (a non-chief worker) logs nothing anywhere.
+            resume_run_id: reopen this run instead of creating one (its params stay).
+            parent_run_id: make the run a child of this one (a sweep's parent run).
+        """
+        if not record:
+            yield SilentRun()
+            return
+        run = self.open(params, tags, resume_run_id, parent_run_id)
+        try:
+            yield run
+        except BaseException as error:
+            run.end(Ending.of(error))
+            raise
+        run.end(Ending.of(None))
+
+    @abstractmethod
+    def open(self, params: Mapping[str, str], tags: Mapping[str, str], resume_run_id: str | None = None,
+             parent_run_id: str | None = None) -> TrackedRun:
+        """A new run (or `resume_run_id` reopened) with `params` and `tags`, for `run` to end."""
+
+
+class MlflowTracker(Opens):
     """Opens MLflow runs in one experiment of one tracking store.
 
     Args:
@@ -199,33 +237,6 @@ class MlflowTracker:
             if found is None:
                 raise
             return found.experiment_id
-
-    @contextmanager
-    def run(
-        self,
-        params: Mapping[str, str],
-        tags: Mapping[str, str],
-        record: bool = True,
-        resume_run_id: str | None = None,
-        parent_run_id: str | None = None,
-    ) -> Iterator[TrackedRun]:
-        """Open a run, log `params` and `tags`, and close it with the right status.
-
-        Args:
-            record: false (a non-chief worker) logs nothing anywhere.
-            resume_run_id: reopen this run instead of creating one (its params stay).
-            parent_run_id: make the run a child of this one (a sweep's parent run).
-        """
-        if not record:
-            yield SilentRun()
-            return
-        run = self.open(params, tags, resume_run_id, parent_run_id)
-        try:
-            yield run
-        except BaseException as error:
-            run.end(Ending.of(error))
-            raise
-        run.end(Ending.of(None))
 
     def open(
         self,
