@@ -8,6 +8,7 @@ Each test starts a `TrackerProcess` itself (this process has Keras and MLflow lo
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -172,6 +173,24 @@ def test_a_dead_tracker_process_is_a_tracking_error_and_the_run_stays_resumable(
             run.log_metrics({"loss": 1.0})
     process.close()
     assert _client(store).get_run(run.run_id).info.status == "RUNNING"  # resume=auto takes it
+
+
+def test_a_sigterm_to_every_process_still_lets_the_run_end_killed(store):
+    # A batch scheduler's cancel signals every process of the job: the tracker's process
+    # waits for the run's to end its MLflow run.
+    import signal
+
+    process = TrackerProcess(_tracker(store, "cancelled"))
+    try:
+        with pytest.raises(KeyboardInterrupt), process.run(params={}, tags={}) as run:
+            os.kill(process._process.pid, signal.SIGTERM)
+            os.kill(process._process.pid, signal.SIGINT)
+            time.sleep(0.5)
+            raise KeyboardInterrupt  # what the run's process makes of its own SIGTERM
+    finally:
+        process.close()
+    found = _client(store).get_run(run.run_id)
+    assert found.info.status == "KILLED" and found.data.tags["killed_reason"] == "interrupted (Ctrl-C)"
 
 
 _DIES = """

@@ -18,8 +18,8 @@ is logged there from what `served_model` read here (TensorFlow's protocol buffer
 If the run's process dies, the other one reads the end of its pipe and exits, leaving the
 MLflow run RUNNING: `resume=auto` resumes it (its process is gone), as before. If the other
 process dies, the next call raises TrackingError (run the same command again). It is in
-a session of its own: Ctrl-C and a signal to the run's process group reach only the run,
-which ends the MLflow run itself.
+a session of its own, and ignores SIGINT and SIGTERM: Ctrl-C, or a signal to every process
+of a job, stops the run, which ends its MLflow run KILLED through this process.
 
 Example:
     >>> with in_own_process(MlflowTracker("sqlite:///mlflow.db", "digits")) as tracker:
@@ -61,7 +61,8 @@ def in_own_process(tracker: Any) -> Iterator[Any]:
     to import TensorFlow and MLflow: a command's run. Otherwise `tracker` itself: where Keras
     or MLflow is loaded already (a test, a notebook, a multirun's later jobs) there is no
     import to overlap. Any other tracker than `MlflowTracker` is used as it is."""
-    if type(tracker) is not MlflowTracker or {"keras", "tensorflow", "mlflow"} & set(sys.modules):
+    if (type(tracker) is not MlflowTracker or {"keras", "tensorflow", "mlflow"} & set(sys.modules)
+            or os.name != "posix"):  # the pipes are passed as POSIX file descriptors
         yield tracker
         return
     process = TrackerProcess(tracker)
@@ -222,8 +223,17 @@ class _Forward(logging.Handler):
 
 
 def serve(requests_fd: int, replies_fd: int) -> None:
-    """Answers one run's tracker calls until the end of the requests; then exits."""
+    """Answers one run's tracker calls until the end of the requests; then exits.
+
+    It ignores SIGINT and SIGTERM: the run's process, which gets them too where a whole
+    process tree is signalled (a batch scheduler's cancel), ends its MLflow run KILLED
+    through this one, and closes its pipe after.
+    """
+    import signal
     from multiprocessing.connection import Connection
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     requests = Connection(requests_fd, writable=False)
     replies = Connection(replies_fd, readable=False)
