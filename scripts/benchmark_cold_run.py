@@ -197,7 +197,6 @@ def import_floor() -> None:
     JSON and exits as the pipeline's command does (without the interpreter's teardown:
     `pipeline.quick_exit`)."""
     import importlib
-
     import threading
 
     start = time.perf_counter()

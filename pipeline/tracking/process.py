@@ -95,10 +95,7 @@ class TrackerProcess(Opens):
         self._requests = Connection(requests_write, readable=False)
         self._replies = Connection(replies_read, writable=False)
         self._unanswered = 0  # calls sent whose reply is not read yet
-        settings = {"uri": tracker.uri, "experiment": tracker.experiment, "run_name": tracker.run_name,
-                    "artifact_location": tracker.artifact_location, "register_as": tracker.register_as,
-                    "timeout": tracker.timeout}
-        self._send({"settings": settings, "level": logging.getLogger("pipeline").getEffectiveLevel()})
+        self._send({"settings": tracker.settings(), "level": logging.getLogger("pipeline").getEffectiveLevel()})
 
     def find_resumable(self, config_sha256: str) -> tuple[str, str] | None:
         found = self.call("find_resumable", config_sha256)

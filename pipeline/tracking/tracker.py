@@ -220,6 +220,13 @@ class MlflowTracker(Opens):
         self.register_as = register_as
         self.timeout = timeout
 
+    def settings(self) -> dict[str, Any]:
+        """The arguments that make this tracker again: `MlflowTracker(**tracker.settings())`
+        (plain values: the tracker's own process is made from them)."""
+        return {"uri": self.uri, "experiment": self.experiment, "run_name": self.run_name,
+                "artifact_location": self.artifact_location, "register_as": self.register_as,
+                "timeout": self.timeout}
+
     def _client(self):
         return store.client(self.uri, self.timeout)
 
