@@ -244,3 +244,52 @@ def test_odd_values_arrive_unchanged(store, process):
     found = _client(store).get_run(run.run_id)
     assert found.data.params["odd"] == odd and found.data.tags["odd"] == odd
     assert found.data.metrics["big"] == 1e300 and found.data.metrics["nan"] != found.data.metrics["nan"]
+
+
+def _prepared_while_waiting(folder: Path) -> list[Path]:
+    """The tracker process's new store under its own name, once it appears (within 60 s)."""
+    deadline = time.monotonic() + 60
+    while not (found := sorted(folder.glob(".mlflow.db.partial-*"))):
+        assert time.monotonic() < deadline, "the tracker's process made no new store meanwhile"
+        time.sleep(0.05)
+    return found
+
+
+def test_a_new_stores_tables_are_made_meanwhile_and_the_first_call_adopts_them(tmp_path):
+    process = TrackerProcess(_tracker(tmp_path, "new"))
+    try:
+        assert _prepared_while_waiting(tmp_path) and not (tmp_path / "mlflow.db").exists()
+        with process.run(params={"a": 1}, tags={}) as run:
+            run.log_metrics({"loss": 0.5})
+    finally:
+        process.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".", "mlflow"))) == [
+        "mlflow.db", "mlflow.db.lock"]
+    found = _client(tmp_path).get_run(run.run_id)
+    assert found.info.status == "FINISHED" and found.data.metrics == {"loss": 0.5}
+    experiments = {e.name: e.artifact_location for e in _client(tmp_path).search_experiments()}
+    assert experiments["new"] == str(tmp_path / "art" / "new")
+    assert set(experiments) == {"Default", "new"}
+
+
+def test_a_run_that_stops_before_its_first_call_leaves_no_store(tmp_path):
+    process = TrackerProcess(_tracker(tmp_path, "stopped"))
+    _prepared_while_waiting(tmp_path)
+    process.close()  # the run's input was refused: no call came
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_another_run_made_meanwhile_is_kept(tmp_path):
+    process = TrackerProcess(_tracker(tmp_path, "late"))
+    try:
+        _prepared_while_waiting(tmp_path)
+        (tmp_path / "files").mkdir()
+        other = _log_a_run(_tracker(tmp_path, "first"), tmp_path / "files")  # inline: its own store
+        with process.run(params={}, tags={}) as run:
+            pass
+    finally:
+        process.close()
+    client = _client(tmp_path)
+    assert client.get_run(other).info.status == "FINISHED"  # the other run's store was not replaced
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+    assert not list(tmp_path.glob(".mlflow.db.partial-*"))

@@ -3,8 +3,9 @@
 A command's run imports TensorFlow and Keras (5-7 s on 2 cores), then MLflow with its SQL
 store (2.5-3.5 s, and more when the store's tables are checked or created), one after the
 other on one core. `in_own_process(tracker)` starts a Python process that imports MLflow and
-opens an existing store at once, on the other core, while the run imports TensorFlow; the
-run's MLflow calls are then answered there, and the run's process never imports MLflow.
+opens an existing store at once (or makes a new one's tables under another name, which the
+first call adopts: `store.prepared`), on the other core, while the run imports TensorFlow;
+the run's MLflow calls are then answered there, and the run's process never imports MLflow.
 
 `TrackerProcess` and `ProcessRun` have `MlflowTracker`'s and `TrackedRun`'s methods; each
 call is a request answered before it returns (JSON on a pipe: plain values only, nothing in
@@ -44,6 +45,7 @@ from typing import Any
 
 from pipeline import errors
 from pipeline.errors import PipelineError, TrackingError
+from pipeline.tracking import store
 from pipeline.tracking.tracker import Ending, MlflowTracker, Opens, TrackedRun
 
 log = logging.getLogger("pipeline")
@@ -245,7 +247,7 @@ def serve(requests_fd: int, replies_fd: int) -> None:
         logging.getLogger(name).propagate = False
     logging.getLogger("pipeline").setLevel(first["level"])
     tracker = MlflowTracker(**first["settings"])
-    _warm_up(tracker)
+    new_store = _warm_up(tracker)
     runs: dict[str, TrackedRun] = {}
     calls = {
         "find_resumable": tracker.find_resumable,
@@ -262,6 +264,9 @@ def serve(requests_fd: int, replies_fd: int) -> None:
             request = json.loads(requests.recv_bytes())
         except EOFError:  # the run is over, or its process died: its MLflow run stays as it is
             break
+        if new_store is not None:  # the run's process has checked its input: the store is wanted
+            store.adopt(new_store, tracker.uri)
+            new_store = None
         try:
             reply: dict[str, Any] = {"ok": calls[request["call"]](*request["args"])}
         except PipelineError as error:
@@ -276,19 +281,20 @@ def serve(requests_fd: int, replies_fd: int) -> None:
             replies.send_bytes(json.dumps(reply).encode())
         except OSError:  # the run's process is gone
             break
+    if new_store is not None:  # no call came: the run stopped before it needed a store
+        store.discard(new_store)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(0)  # MLflow's threads and Python's teardown have nothing left to do
 
 
-def _warm_up(tracker: MlflowTracker) -> None:
+def _warm_up(tracker: MlflowTracker) -> Path | None:
     """Imports MLflow and opens an existing SQLite store (its tables checked) before the first
-    call. A new store is created by the first call instead, so that a run that stops on its
-    config creates nothing; a server is first asked by the first call too."""
+    call. A new store's tables are made under another name (`store.prepared`), which the
+    first call adopts, so that a run that stops on its input creates nothing; returns it.
+    A server is first asked by the first call."""
     import mlflow  # noqa: F401
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-
-    from pipeline.tracking import store
 
     database = store.database_file(tracker.uri)
     if database is not None and database.is_file() and database.stat().st_size > 0:
@@ -296,6 +302,8 @@ def _warm_up(tracker: MlflowTracker) -> None:
             tracker._client()
         except Exception:  # the first call meets the same error, and reports it
             pass
+        return None
+    return store.prepared(tracker.uri)
 
 
 def _opened(tracker: MlflowTracker, runs: dict[str, TrackedRun], params, tags, resume_run_id, parent_run_id) -> str:

@@ -18,8 +18,9 @@ no) raises TrackingError naming `tracking.uri` and the fix, never MLflow's trace
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,73 @@ def _create_database_file(uri: str) -> None:
             "you can write, for example tracking.uri=sqlite:///mlflow.db. Then run the same "
             "command again."
         ) from error
+
+
+def prepared(uri: str) -> Path | None:
+    """A new SQLite store's tables, made now in a hidden file beside its database; None where
+    the database exists already, the URI has options, or its folder does not exist.
+
+    Creating a store's tables takes MLflow 1.5 s; the tracker's process does it while the
+    run's process imports TensorFlow, under a name of its own, so that a run that stops on
+    its input leaves no store behind. `adopt` gives it the database's name at the first
+    call; `discard` removes it when none came. Where it cannot be made, the first call
+    creates the store as before.
+    """
+    import uuid
+
+    from pipeline.files import remove_stale
+
+    database = database_file(absolute_uri(uri))
+    if (database is None or "?" in uri or str(database).startswith("file:") or database.exists()
+            or not database.parent.is_dir()):
+        return None
+    remove_stale(database.parent, f".{database.name}.partial-*")  # of killed tracker processes
+    partial = database.with_name(f".{database.name}.partial-{uuid.uuid4().hex[:12]}")
+    try:
+        from mlflow.tracking import MlflowClient
+
+        _quiet_refusals()
+        with _quiet("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
+            MlflowClient(tracking_uri=store_uri(_SQLITE + str(partial)))  # builds the tables
+    except Exception:  # a folder that refuses us, a full disk: the first call reports it
+        discard(partial)
+        return None
+    return partial
+
+
+def adopt(partial: Path, uri: str) -> None:
+    """Links a `prepared` store into place as `uri`'s database, unless a database appeared
+    there meanwhile (another run's: that one is kept), and removes the prepared file.
+
+    A hard link never replaces a file, so two runs adopting at once cannot lose one's runs.
+    Its connections there are idle and never written through again.
+    """
+    database = database_file(absolute_uri(uri))
+    try:
+        os.link(partial, database)
+    except OSError:  # it exists now, or this file system has no hard links: the first call opens it
+        pass
+    finally:
+        discard(partial)
+
+
+def discard(partial: Path) -> None:
+    with suppress(OSError):
+        partial.unlink()
+
+
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Their INFO records dropped meanwhile: a run that stops on its input prints one line."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _causes(error: BaseException) -> Iterator[BaseException]:
