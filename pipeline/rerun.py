@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -27,13 +28,16 @@ def rerun(
     """Run `run_id` again; returns the new run's metrics.
 
     The stored config is data from the store: `pipeline.replay.check_replay` refuses targets,
-    resolvers and code-running settings before anything is built from it.
+    resolvers and code-running settings before anything is built from it, and the
+    SavedModels it names are checked before they are loaded (`graph_check.config_from_store`),
+    unless `allow_unsafe` (the user's `--allow-unsafe`).
     """
     import yaml
     from omegaconf import OmegaConf
 
     from pipeline import runner, tracking
     from pipeline.replay import check_replay
+    from pipeline.sources.graph_check import config_from_store
 
     record = tracking.run_record(tracking_uri, run_id)
     where = f"run {run_id}'s stored config.yaml"
@@ -47,7 +51,8 @@ def rerun(
     cfg.output_dir = str(output_dir or Path("outputs") / "runs" / f"{stamp}-rerun-{run_id[:8]}")
     cfg.resume = "never"
     cfg.tracking.uri = tracking_uri
-    return runner.run(cfg, rerun_of=(run_id, record.tags))
+    with nullcontext() if allow_unsafe else config_from_store():
+        return runner.run(cfg, rerun_of=(run_id, record.tags))
 
 
 def main(argv: list[str] | None = None) -> None:

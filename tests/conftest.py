@@ -31,6 +31,26 @@ def compose(overrides: list[str] | tuple[str, ...] = (), tmp_path: Path | None =
         return hydra_compose(config_name="config", overrides=[*extra, *overrides])
 
 
+def write_reading_saved_model(path) -> None:
+    """A SavedModel at `path` (replacing what is there) whose serving_default reads a file:
+    what `pipeline.sources.graph_check` refuses."""
+    import shutil
+
+    import tensorflow as tf
+
+    class Reading(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, None], tf.float32, name="images")])
+        def serve(self, images):
+            secret = tf.cast(tf.strings.length(tf.io.read_file(__file__)), tf.float32)
+            rows = tf.shape(images)[0]
+            return {"probabilities": tf.fill([rows, 3], 1.0 / 3.0) + 0.0 * secret,
+                    "class_name": tf.fill([rows], "a")}
+
+    shutil.rmtree(path, ignore_errors=True)
+    module = Reading()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+
+
 def make_tf_keras_extractor(seed: int = 0, dropout: float = 0.0):
     """A tiny tf_keras (Keras 2) CNN on 8x8x1 images with BatchNorm: a TF Hub-style model."""
     import tf_keras

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, write_reading_saved_model
 from pipeline.errors import DataError, ExportError
 from pipeline.predict import find_images, main, predict
 from test_export import CLASSES, _adapted, _data, _encode, _images, _spread
@@ -107,30 +107,11 @@ def test_predict_from_an_mlflow_model_matches_the_export(export, tmp_path):
     assert not marker.exists()
     assert [p.class_name for p in again] == [p.class_name for p in from_export]
 
-    _reading_saved_model(stored / "artifacts" / "saved_model")
+    write_reading_saved_model(stored / "artifacts" / "saved_model")
     with pytest.raises(ExportError, match=r"runs TensorFlow ops .*\(ReadFile\).*--allow-unsafe"):
         predict(model_uri, [str(image_dir)], top_k=1, tracking_uri=uri)
     trusted = predict(model_uri, [str(image_dir)], top_k=1, tracking_uri=uri, allow_unsafe=True)
     assert len(trusted) == 5
-
-
-def _reading_saved_model(path):
-    """Replace the SavedModel at `path` with one whose serving_default reads a file."""
-    import shutil
-
-    import tensorflow as tf
-
-    class Reading(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, None], tf.float32, name="images")])
-        def serve(self, images):
-            secret = tf.cast(tf.strings.length(tf.io.read_file(__file__)), tf.float32)
-            rows = tf.shape(images)[0]
-            return {"probabilities": tf.fill([rows, 3], 1.0 / 3.0) + 0.0 * secret,
-                    "class_name": tf.fill([rows], "a")}
-
-    shutil.rmtree(path)
-    module = Reading()
-    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
 
 
 def test_a_missing_export_names_the_path(tmp_path, export):

@@ -72,3 +72,40 @@ def test_rerun_refuses_an_edited_store_before_building_anything(stored, monkeypa
     monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("the replay reached the runner"))
     with pytest.raises(ConfigError, match=r"run abc's stored config\.yaml: evaluate\._target_='os\.system'"):
         rerun.rerun("abc", "sqlite:///unused.db")
+
+
+def test_a_savedmodel_the_stored_config_names_is_checked_before_it_loads(tmp_path):
+    from conftest import write_reading_saved_model
+    from pipeline.errors import SourceError
+    from pipeline.sources.graph_check import config_from_store
+    from pipeline.sources.signatures import load_saved_model
+
+    reading = tmp_path / "reading"
+    write_reading_saved_model(reading)
+    assert load_saved_model(str(reading), key="source.handle") is not None  # the user named it: trusted
+    with config_from_store(), pytest.raises(SourceError) as refused:
+        load_saved_model(str(reading), key="source.handle")
+    assert str(refused.value).startswith(f"source.handle={str(reading)!r}, named by the stored config, runs "
+                                         "TensorFlow ops that read or write files")
+    assert "(ReadFile)" in str(refused.value) and "--allow-unsafe" in str(refused.value)
+
+
+def test_rerun_checks_the_stored_configs_savedmodels_unless_allowed(stored, tmp_path, monkeypatch):
+    from conftest import write_reading_saved_model
+    from pipeline import rerun, runner, tracking
+    from pipeline.errors import SourceError
+    from pipeline.sources.signatures import load_saved_model
+
+    reading = tmp_path / "reading"
+    write_reading_saved_model(reading)
+    stored["source"] = {"_target_": "pipeline.sources.hub.HubSource", "handle": str(reading),
+                        "input_shape": [8, 8, 1]}
+    record = SimpleNamespace(config_yaml=yaml.safe_dump(stored), tags={})
+    monkeypatch.setattr(tracking, "run_record", lambda uri, run_id: record)
+    # The runner's source stage loads what the config names (tests/test_resume.py replays a
+    # whole run from the command line).
+    monkeypatch.setattr(runner, "run", lambda cfg, **kwargs: {"loaded": load_saved_model(cfg.source.handle,
+                                                                                          "source.handle")})
+    with pytest.raises(SourceError, match=r"named by the stored config, runs TensorFlow ops .*--allow-unsafe"):
+        rerun.rerun("abc", "sqlite:///unused.db", output_dir=tmp_path / "run")
+    assert rerun.rerun("abc", "sqlite:///unused.db", output_dir=tmp_path / "run", allow_unsafe=True)["loaded"]

@@ -120,3 +120,20 @@ def test_rerun_repeats_a_run_exactly_and_warns_about_what_changed(tmp_path, hub_
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert "rerun: the source model (structure or weights) differs" in changed.stderr
     assert "the data" not in changed.stderr
+
+    # The stored config names the source, not the user: a SavedModel there that reads files
+    # is refused before it is loaded (one line, exit 2), unless --allow-unsafe.
+    from conftest import write_reading_saved_model
+
+    write_reading_saved_model(source)
+    refused = subprocess.run(
+        [*pipeline_command(tmp_path, module="pipeline.rerun")[:3], original.info.run_id,
+         "--tracking-uri", uri, "--output-dir", str(tmp_path / "rerun3")],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: source.handle={str(source)!r}, named by the stored config, runs TensorFlow ops that read "
+        "or write files, reach the network or run Python (ReadFile)")
+    assert "--allow-unsafe" in refused.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in refused.stderr

@@ -14,7 +14,9 @@ restores variables with its own saver, and nothing in the object graph calls the
 
 SavedModels that the user names directly (`source=hub`, `source=saved_model`) are not
 checked: naming a model on the command line trusts it, as TensorFlow's security model does
-(a model is a program; running an untrusted one is running untrusted code).
+(a model is a program; running an untrusted one is running untrusted code). A config read
+back from a store (`pipeline.rerun`) names them for the user, so there they are checked too
+(`config_from_store`, `check_named`), unless the user passed `--allow-unsafe`.
 
 Example:
     >>> unsafe_ops("/tmp/unpacked/assets/layers/functional/layers/hub")
@@ -168,7 +170,30 @@ def trusted_graphs():
     return checked_graphs(allow_unsafe=True)
 
 
-def check_saved_model(directory: str | Path, where: str) -> None:
+_FROM_STORE: ContextVar[bool] = ContextVar("pipeline_config_from_store", default=False)
+_STORE_FIX = "Pass --allow-unsafe on the command line only if you trust the model and the store."
+
+
+@contextmanager
+def config_from_store() -> Iterator[None]:
+    """Within: the config came from a store (`pipeline.rerun`), so the SavedModels it names
+    (`source.handle`, `source.path`, `source.preprocessor`) are data from there too, and
+    `check_named` checks them as the SavedModels in `.keras` files are checked."""
+    token = _FROM_STORE.set(True)
+    try:
+        yield
+    finally:
+        _FROM_STORE.reset(token)
+
+
+def check_named(directory: str | Path, where: str) -> None:
+    """A SavedModel that the config names, before it is loaded: trusted (the user named it),
+    unless the config came from a store (`config_from_store`); then as `check_saved_model`."""
+    if _FROM_STORE.get():
+        check_saved_model(directory, f"{where}, named by the stored config,", fix=_STORE_FIX)
+
+
+def check_saved_model(directory: str | Path, where: str, fix: str | None = None) -> None:
     """Raise SourceError naming `where` and the ops, unless trusted or the graph is safe."""
     scope = _SCOPE.get()
     if scope is not None and scope.trusted:
@@ -176,11 +201,11 @@ def check_saved_model(directory: str | Path, where: str) -> None:
     ops = unsafe_ops(directory)
     if not ops:
         return
+    fix = fix or ("Pass source.allow_unsafe=true on the command line (in Python, load inside "
+                  "pipeline.sources.graph_check.trusted_graphs()) only if you trust the file.")
     error = SourceError(
         f"{where} runs TensorFlow ops that read or write files, reach the network or run Python "
-        f"({', '.join(ops)}), and loading the file would run them. Pass source.allow_unsafe=true "
-        "on the command line (in Python, load inside pipeline.sources.graph_check.trusted_graphs()) "
-        "only if you trust the file."
+        f"({', '.join(ops)}), and loading the file would run them. {fix}"
     )
     if scope is not None:
         scope.refused.append(error)

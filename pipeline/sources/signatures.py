@@ -53,8 +53,11 @@ def load_saved_model(path: str, key: str, value: str | None = None) -> Any:
     Raises:
         SourceError: the directory is missing, holds no saved_model.pb, or cannot be loaded.
     """
+    from pipeline.sources.graph_check import check_named
+
     value = path if value is None else value
     check_saved_model_dir(path, key, value)
+    check_named(path, f"{key}={value!r}")  # a replayed config's SavedModel: data from the store
     try:
         return load_with_text_ops(path)
     except MissingTextOps as error:
