@@ -53,9 +53,13 @@ def datasets(folder: str, image_size: int, batch_size: int, val_split: float, te
         seed=seed,
     )
     class_names = train.class_names
-    held_batches = int(held_out.cardinality())
-    val_batches = max(1, round(held_batches * val_split / (val_split + test_split)))
-    val, test = held_out.take(val_batches), held_out.skip(val_batches)
+    # Keras keeps the held-out images in one seeded order (it shuffles only the training
+    # subset on each pass), so taking and skipping images gives disjoint splits; images, not
+    # batches, so that a small folder still gets a test split.
+    held = len(held_out.file_paths)
+    val_images = min(held - 1, max(1, round(held * val_split / (val_split + test_split))))
+    images = held_out.unbatch()
+    val, test = images.take(val_images).batch(batch_size), images.skip(val_images).batch(batch_size)
     autotune = tf.data.AUTOTUNE
     return (
         train.cache().prefetch(autotune),
