@@ -1,9 +1,9 @@
-# make run [ARGS="overrides"]  |  make test
+# make run [ARGS="overrides"]  |  make test  |  make lint
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test demo-source
+.PHONY: run test lint demo-source
 
 # The venv is rebuilt whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -18,6 +18,9 @@ run: $(VENV)/.installed
 # Two workers: much of a test's time is single-threaded (imports, tracing, subprocesses).
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 $(ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check pipeline tests scripts hydra_plugins
 
 demo-source: $(VENV)/.installed
 	$(PY) scripts/build_demo_source.py
