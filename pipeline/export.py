@@ -235,7 +235,7 @@ class SavedModelFormat:
         path = write_saved_model(
             adapted.model, adapted.class_names, adapted.task, data.input_shape, data.resize,
             staging / "saved_model", max_pixels=data.max_pixels, input_kind=data.input_kind,
-            call=_composed(adapted, backbone_function),
+            call=_composed(adapted, backbone_function), max_chars=data.max_chars,
         )
         start = time.perf_counter()
         signatures = tf.saved_model.load(str(path)).signatures
@@ -276,6 +276,7 @@ class EstimatorFormat:
         path = write_saved_model(
             feature_model(adapted), adapted.class_names, adapted.task, data.input_shape, data.resize,
             staging / "backbone", max_pixels=data.max_pixels, features=True, input_kind=data.input_kind,
+            max_chars=data.max_chars,
         )
         (staging / SKOPS_FILE).write_bytes(layer.saved)
         start = time.perf_counter()
@@ -308,11 +309,10 @@ class KerasFormat:
         import keras
 
         from pipeline.serving import serving_model
-
         from pipeline.sources.graph_check import trusted_graphs
 
         path = staging / "model.keras"
-        serving_model(adapted.model, data.input_shape, data.resize, data.input_kind).save(path)
+        serving_model(adapted.model, data.input_shape, data.resize, data.input_kind, data.max_chars).save(path)
         start = time.perf_counter()
         with trusted_graphs():  # this process wrote it, from the source the user named
             actual = keras.saving.load_model(path, compile=False).predict(_batch(images), verbose=0)

@@ -27,17 +27,24 @@ from typing import Any
 from pipeline.types import InputKind, Task
 
 
-def serving_model(model: Any, input_shape: tuple[int, ...], resize: str, input_kind: InputKind = "image") -> Any:
+def serving_model(model: Any, input_shape: tuple[int, ...], resize: str, input_kind: InputKind = "image",
+                  max_chars: int | None = None) -> Any:
     """`model` behind the data stage's pixel path: raw pixels of any size and channels in.
 
     The exported `.keras` file is this model; the SavedModel's float and uint8 signatures
     call it. At the training size it computes exactly what `model` does. A text model
-    takes raw strings already and is served as it is.
+    takes raw strings already and is served as it is, behind the cut of each text to
+    `max_chars` characters when it was trained on cut texts (`data.max_chars`).
     """
     import keras
 
     if input_kind == "text":
-        return model
+        if max_chars is None:
+            return model
+        from pipeline.data.layers import ServingTexts
+
+        texts = keras.Input(shape=(), dtype="string", name="text")
+        return keras.Model(texts, model(ServingTexts(max_chars, name="serving_texts")(texts)), name="served")
 
     from pipeline.data.layers import ServingImages
 
@@ -57,6 +64,7 @@ def write_saved_model(
     features: bool = False,
     input_kind: InputKind = "image",
     call: Any = None,
+    max_chars: int | None = None,
 ) -> Path:
     """Writes `model` (raw 0-255 images of `input_shape` -> head outputs) with the signatures above.
 
@@ -64,7 +72,8 @@ def write_saved_model(
     (an InvalidArgumentError naming the limit), before decoding it. With `features=True`
     `model` ends before the classifier, and each signature returns its output as `features`
     instead (the backbone a scikit-learn head's export serves, see `pipeline.estimators`).
-    A text model (`input_kind="text"`) gets `serving_default` on a batch of strings.
+    A text model (`input_kind="text"`) gets `serving_default` on a batch of strings, each
+    cut to its first `max_chars` characters when given (the `data.max_chars` it was trained with).
     `call(images)`, when given, computes `model(images, training=False)` for images of
     `input_shape` (the export's composition of an already traced backbone and the head).
     """
@@ -76,8 +85,10 @@ def write_saved_model(
         return {"features": outputs} if features else _outputs(outputs, names, task)
 
     if input_kind == "text":
+        from pipeline.data.text import cut_texts
+
         def serve_text(text):
-            return outputs_of(model(text, training=False))
+            return outputs_of(model(cut_texts(text, max_chars), training=False))
 
         endpoints = {"serving_default": (serve_text, tf.TensorSpec((None,), tf.string, name="text"))}
         return _save(model, endpoints, path)

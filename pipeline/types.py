@@ -50,6 +50,8 @@ class DataBundle:
             scikit-learn's data set (`digits`). A split without ids is numbered `0..n-1`.
         input_kind: `image` or `text` (`InputKind`); text options set `resizable=False`
             and give no augmentation.
+        max_chars: text: each text was cut to its first `max_chars` characters
+            (`data.max_chars`); the export cuts the texts it serves the same way. None: whole.
     """
 
     train: Any
@@ -67,6 +69,7 @@ class DataBundle:
     resizable: bool = True
     example_ids: Mapping[str, Sequence[str]] = field(default_factory=dict)
     input_kind: InputKind = "image"
+    max_chars: int | None = None
 
     @property
     def num_classes(self) -> int:

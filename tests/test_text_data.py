@@ -191,6 +191,22 @@ def test_max_chars_truncates_each_text(imdb, bundle):
         assert cut == [(text[:12], label) for text, label in whole]
         assert all(len(text) == 12 for text, _ in cut)
     assert short.fingerprint != bundle.fingerprint  # other texts, other feature cache
+    assert (short.max_chars, bundle.max_chars) == (12, None)  # what the export cuts served texts to
+
+
+@pytest.mark.parametrize("max_chars", [1, 4, 7, 100])
+def test_the_served_cut_is_the_data_stages_cut(max_chars):
+    import tensorflow as tf
+
+    from pipeline.data.layers import ServingTexts
+    from pipeline.data.text import TextSettings, cut_texts, read_text
+
+    texts = ["Crème brûlée à la française", "naïve café 🍰🍰 ok", "日本語のテキスト", "short", "ﬁ ligature"]
+    wanted = [read_text(text.encode("utf-8"), TextSettings(max_chars=max_chars))[0] for text in texts]
+    cut = [t.decode("utf-8") for t in cut_texts(tf.constant(texts), max_chars).numpy()]
+    assert cut == wanted
+    assert [t.decode("utf-8") for t in ServingTexts(max_chars)(tf.constant(texts)).numpy()] == wanted
+    assert cut_texts(tf.constant(texts), None).numpy().tolist() == [t.encode("utf-8") for t in texts]
 
 
 def test_fingerprint_follows_the_bytes_not_the_location(imdb, bundle, tmp_path):

@@ -141,22 +141,20 @@ def test_text_data_under_an_image_source_and_back_is_one_line_naming_the_fix(enc
         adapt(_source(encoder_dir), LinearHead(), FreezeNone(), ("a", "b"), (8, 8, 1), "multiclass")
 
 
-def _text_data():
+def _text_data(max_chars=None):
     import tensorflow as tf
 
     from pipeline.types import DataBundle
 
-    dataset = tf.data.Dataset.from_tensor_slices((TEXTS, LABELS))
+    texts = [text[:max_chars] for text in TEXTS]  # as the data stage reads them (data.max_chars)
+    dataset = tf.data.Dataset.from_tensor_slices((texts, LABELS))
     return DataBundle(train=dataset, val=dataset.take(4), test=dataset, class_names=("sport", "baking"),
-                      input_shape=(), input_kind="text", resizable=False)
+                      input_shape=(), input_kind="text", resizable=False, max_chars=max_chars)
 
 
-def test_a_text_model_is_served_on_raw_strings(bert_dirs, tmp_path):
-    import keras
-    import tensorflow as tf
-
+def _centred_bert_model(bert_dirs):
+    """A BERT-pair text model whose head predicts both classes on TEXTS."""
     from pipeline.adapt import adapt
-    from pipeline.export import Exporter
     from pipeline.freeze import FreezeNone
     from pipeline.heads import LinearHead
 
@@ -167,6 +165,33 @@ def test_a_text_model_is_served_on_raw_strings(bert_dirs, tmp_path):
     kernel = (3 * np.random.default_rng(0).normal(size=dense.kernel.shape)).astype("float32")
     dense.kernel.assign(kernel)  # centred below, so that both classes are predicted
     dense.bias.assign(-np.median(adapted.backbone(_strings()).numpy() @ kernel, axis=0).astype("float32"))
+    return adapted
+
+
+def test_a_model_trained_on_cut_texts_cuts_the_texts_it_serves(bert_dirs, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from pipeline.export import Exporter
+
+    adapted = _centred_bert_model(bert_dirs)
+    cut = [text[:9] for text in TEXTS]
+    expected = adapted.model.predict(_strings(cut), verbose=0)
+    assert np.abs(expected - adapted.model.predict(_strings(), verbose=0)).max() > 1e-3  # the cut matters
+    result = Exporter(formats=["saved_model", "keras"]).export(adapted, _text_data(max_chars=9), tmp_path / "export")
+    served = tf.saved_model.load(str(result.paths["saved_model"])).signatures["serving_default"]
+    np.testing.assert_allclose(served(text=_strings())["probabilities"].numpy(), expected, atol=1e-5)
+    reloaded = keras.saving.load_model(result.paths["keras"], compile=False)
+    np.testing.assert_allclose(reloaded.predict(_strings(), verbose=0), expected, atol=1e-5)
+
+
+def test_a_text_model_is_served_on_raw_strings(bert_dirs, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from pipeline.export import Exporter
+
+    adapted = _centred_bert_model(bert_dirs)
     result = Exporter(formats=["saved_model", "keras"]).export(adapted, _text_data(), tmp_path / "export")
     assert set(result.paths) == {"saved_model", "keras"} and max(result.max_abs_diff.values()) < 1e-5
 

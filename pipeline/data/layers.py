@@ -82,3 +82,30 @@ class ServingImages(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "image_shape": list(self.image_shape), "resize": self.resize}
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class ServingTexts(keras.layers.Layer):
+    """The data stage's cut of each text (`data.max_chars`) as the first layer of an exported
+    text model: each string's first `max_chars` characters (`pipeline.data.text.cut_texts`).
+
+    Example:
+        >>> ServingTexts(4)(tf.constant(["Crème brûlée"]))
+        <tf.Tensor: shape=(1,), dtype=string, numpy=array([b'Cr\xc3\xa8m'], dtype=object)>
+    """
+
+    def __init__(self, max_chars: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_chars = int(max_chars)
+
+    def call(self, texts):
+        from pipeline.data.text import cut_texts
+
+        return cut_texts(texts, self.max_chars)
+
+    def compute_output_spec(self, texts):
+        return keras.KerasTensor(texts.shape, dtype="string")
+
+    def get_config(self):
+        return {**super().get_config(), "max_chars": self.max_chars}
+

@@ -58,6 +58,17 @@ def text_settings(encoding: str = "utf-8", max_chars: int | None = None, determi
     return TextSettings(encoding, max_chars, bool(deterministic))
 
 
+def cut_texts(texts: Any, max_chars: int | None) -> Any:
+    """A batch of UTF-8 strings, each cut to its first `max_chars` characters (Unicode code
+    points, as `read_text` cuts); unchanged when `max_chars` is None. What an export serves
+    of a model trained with `data.max_chars`."""
+    if max_chars is None:
+        return texts
+    import tensorflow as tf
+
+    return tf.strings.substr(texts, 0, max_chars, unit="UTF8_CHAR")
+
+
 def read_text(raw: bytes | str, settings: TextSettings) -> tuple[str | None, str | None]:
     """`(text, None)` for a usable example, `(None, problem)` for one that is left out.
 
@@ -151,4 +162,5 @@ def text_bundle(
         resizable=False,
         example_ids={split: list(ids) for split, ids in (example_ids or {}).items()},
         input_kind="text",
+        max_chars=settings.max_chars,
     )
