@@ -64,6 +64,7 @@ def predict(
     texts: Sequence[str] = (),
     csv_file: str | None = None,
     text_column: str | None = None,
+    encoding: str = "utf-8",
 ) -> list[Prediction]:
     """The `top_k` classes of every readable example the inputs name, from the model at `source`.
 
@@ -72,7 +73,8 @@ def predict(
     `text`) add texts. Images and texts cannot be mixed, and must be what the model takes.
     A file that is not a decodable image, or whose header declares more than `max_pixels`
     pixels, is reported (a warning naming it and why) and left out; the others are predicted.
-    So is a text that is not UTF-8, or is empty or only whitespace (`pipeline.data.text`).
+    So is a text that is not valid in `encoding` (`--encoding`: the `.txt` files' and the
+    CSV's), or is empty or only whitespace (`pipeline.data.text`).
     An MLflow model is read as data (see `pipeline.tracking.model.load_model`); `allow_unsafe`
     lets its SavedModel run ops that touch files, the network or Python.
 
@@ -85,6 +87,7 @@ def predict(
         raise DataError(f"--top-k={top_k}: expected 1 or more, for example --top-k 3")
     if text_column is not None and csv_file is None:
         raise DataError(f"--text-column {text_column!r} without --csv: pass the CSV file too, --csv FILE")
+    _check_encoding(encoding)
     is_uri = source.startswith(_URI_SCHEMES)
     estimator = None if is_uri else _estimator_export(Path(source))
     served = None  # the SavedModel of an export or SavedModel directory
@@ -100,7 +103,7 @@ def predict(
         shown = [*map(str, files), *(text[:40] for text in texts), *([csv_file] if csv_file else [])]
         _check_kind(source, model_kind or _served_kind(served), kind, shown)
     if kind == "text":
-        names, contents = readable_texts(files, texts, csv_file, text_column or "text")
+        names, contents = readable_texts(files, texts, csv_file, text_column or "text", encoding)
     else:
         names, contents = readable_images(files, max_pixels)
     if is_uri:
@@ -237,13 +240,15 @@ def readable_images(paths: Sequence[Path], max_pixels: int = MAX_PIXELS) -> tupl
 
 
 def readable_texts(
-    paths: Sequence[Path], texts: Sequence[str] = (), csv_file: str | None = None, text_column: str = "text"
+    paths: Sequence[Path], texts: Sequence[str] = (), csv_file: str | None = None, text_column: str = "text",
+    encoding: str = "utf-8",
 ) -> tuple[list[str], list[str]]:
     """The usable texts of `.txt` files, `--text` values and a CSV column, with their names.
 
-    Each file is one example; so is each value and each CSV row. One that is not UTF-8, or
-    is empty or only whitespace, is reported in one warning line and left out, as training
-    leaves it out (`pipeline.data.text.read_text`). Raises DataError when none is left.
+    Each file is one example; so is each value and each CSV row. Files and the CSV are read
+    in `encoding`. One that is not valid in it, or is empty or only whitespace, is reported
+    in one warning line and left out, as training leaves it out
+    (`pipeline.data.text.read_text`). Raises DataError when none is left.
     """
     from pipeline.data.text import TextSettings, read_text
 
@@ -255,8 +260,8 @@ def readable_texts(
             examples.append((str(path), error))
     examples += [(f"text[{index}]", text) for index, text in enumerate(texts)]
     if csv_file is not None:
-        examples += _csv_texts(csv_file, text_column)
-    settings = TextSettings()
+        examples += _csv_texts(csv_file, text_column, encoding)
+    settings = TextSettings(encoding=encoding)
     kept_names, kept = [], []
     for name, raw in examples:
         if isinstance(raw, OSError):
@@ -271,16 +276,32 @@ def readable_texts(
     if not kept:
         raise DataError(
             f"none of the {len(examples)} text(s) is usable (see the warnings above); expected "
-            "non-empty UTF-8 text. Fix or remove them."
+            f"non-empty {encoding} text. Fix or remove them, or pass the files' --encoding."
         )
     return kept_names, kept
 
 
-def _csv_texts(csv_file: str, column: str) -> list[tuple[str, str]]:
-    """`(FILE:line, cell)` of `column` in every row of the CSV (UTF-8, a header row first)."""
-    rows = []
+def _check_encoding(encoding: str) -> None:
+    """Raises DataError naming `--encoding` when Python knows no such text encoding."""
+    from pipeline.data.text import text_settings
+    from pipeline.errors import ConfigError
+
     try:
-        with open(csv_file, newline="", encoding="utf-8-sig") as handle:
+        text_settings(encoding)
+    except ConfigError:
+        raise DataError(f"--encoding {encoding!r} is not a text encoding Python knows; pass the files' "
+                        "encoding, for example --encoding utf-8, latin-1, cp1252 or utf-16") from None
+
+
+def _csv_texts(csv_file: str, column: str, encoding: str = "utf-8") -> list[tuple[str, str]]:
+    """`(FILE:line, cell)` of `column` in every row of the CSV (in `encoding`, a header row first)."""
+    import codecs
+
+    rows = []
+    # A byte order mark, as spreadsheets write, is not part of the header.
+    opened = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+    try:
+        with open(csv_file, newline="", encoding=opened) as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
             if header is None or column not in header:
@@ -298,8 +319,8 @@ def _csv_texts(csv_file: str, column: str) -> list[tuple[str, str]]:
         raise DataError(f"--csv {csv_file!r} cannot be read ({error.strerror}); pass a readable CSV file") from None
     except UnicodeDecodeError as error:
         raise DataError(
-            f"--csv {csv_file!r} is not UTF-8 text ({error.reason} at byte {error.start}); convert it, for "
-            "example with iconv -f latin1 -t utf-8"
+            f"--csv {csv_file!r} is not {encoding} text ({error.reason} at byte {error.start}); pass its "
+            "--encoding (for example --encoding latin-1), or convert it, for example with iconv -f latin1 -t utf-8"
         ) from None
     except csv.Error as error:
         raise DataError(f"--csv {csv_file!r} cannot be parsed as CSV ({error}); fix the file or pass the texts as .txt files") from None
@@ -452,8 +473,10 @@ def main(argv: Sequence[str] | None = None, output: Callable[[str], None] = prin
     parser.add_argument("--text", action="append", default=[], metavar="TEXT",
                         help="a text to classify (repeatable; text models)")
     parser.add_argument("--csv", dest="csv_file", metavar="FILE",
-                        help="a CSV file (UTF-8, a header row) whose --text-column holds one text per row")
+                        help="a CSV file (a header row) whose --text-column holds one text per row")
     parser.add_argument("--text-column", metavar="COLUMN", help="the --csv column that holds the texts (default text)")
+    parser.add_argument("--encoding", default="utf-8",
+                        help="the text encoding of .txt files and the --csv file (default utf-8; as data.encoding)")
     parser.add_argument("--top-k", type=int, default=3, help="classes per image or text (default 3)")
     parser.add_argument(
         "--output", type=Path, default=Path("predictions.csv"), help="CSV to write (default predictions.csv)"
@@ -480,7 +503,8 @@ def main(argv: Sequence[str] | None = None, output: Callable[[str], None] = prin
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         predictions = predict(args.source, args.inputs, args.top_k, args.tracking_uri, args.batch_size,
-                              args.max_pixels, args.allow_unsafe, args.text, args.csv_file, args.text_column)
+                              args.max_pixels, args.allow_unsafe, args.text, args.csv_file, args.text_column,
+                              args.encoding)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2

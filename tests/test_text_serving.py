@@ -259,6 +259,25 @@ def test_predict_reads_texts_given_files_and_a_csv_column(text_export, tmp_path,
     assert f"skipped {table}:5: empty" in caplog.text
 
 
+def test_predict_reads_files_and_a_csv_in_the_encoding_given(text_export, tmp_path):
+    root, expected = text_export
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    for index, text in enumerate(TEXTS):
+        (folder / f"r{index}.txt").write_bytes(text.encode("latin-1"))  # "Crème brûlée" is not UTF-8 here
+    files = [str(folder / f"r{i}.txt") for i in range(len(TEXTS))]
+    from_files = predict(str(root), [str(folder)], top_k=3, encoding="latin-1")
+    np.testing.assert_allclose(_probabilities(from_files, files), expected, atol=1e-6)
+    table = tmp_path / "latin1.csv"
+    with open(table, "w", newline="", encoding="cp1252") as handle:
+        csv.writer(handle).writerows([["text"], *([text] for text in TEXTS)])
+    from_csv = predict(str(root), csv_file=str(table), top_k=3, encoding="cp1252")
+    rows = [f"{table}:{line}" for line in range(2, 2 + len(TEXTS))]
+    np.testing.assert_allclose(_probabilities(from_csv, rows), expected, atol=1e-6)
+    # read as UTF-8, the texts beyond ASCII are not valid: they are skipped, the rest predicted
+    assert len({p.path for p in predict(str(root), [str(folder)], top_k=1)}) == len(TEXTS) - 1
+
+
 def test_predict_from_the_mlflow_model_matches_the_export(logged, text_export, store):
     root, expected = text_export
     names = [f"text[{i}]" for i in range(len(TEXTS))]
@@ -343,8 +362,10 @@ def test_unusable_texts_and_csv_mistakes_name_the_fix(text_export, tmp_path):
     with pytest.raises(DataError, match=r"cannot be read"):
         predict(str(root), csv_file=str(tmp_path / "missing.csv"))
     (tmp_path / "latin1.csv").write_bytes("text\ndéjà vu\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"is not UTF-8 text \(invalid .* at byte \d+\); convert it"):
+    with pytest.raises(DataError, match=r"is not utf-8 text \(invalid .* at byte \d+\); pass its --encoding"):
         predict(str(root), csv_file=str(tmp_path / "latin1.csv"))
+    with pytest.raises(DataError, match=r"--encoding 'utf8x' is not a text encoding Python knows"):
+        predict(str(root), texts=["fine"], encoding="utf8x")
     with pytest.raises(DataError, match=r"folder '.*' holds no text files \(\.txt\)"):
         predict(str(root), [str(_empty_folder(tmp_path))], texts=["fine"])
 
