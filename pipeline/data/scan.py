@@ -40,8 +40,13 @@ class ScannedFile:
     problem: str | None = None
 
 
-def class_folders(root: str, key: str) -> list[tuple[str, Path]]:
+def class_folders(root: str, key: str, items: str = "images",
+                  layout: str = "one subfolder per class (for example flowers/daisy/*.jpg, flowers/tulip/*.jpg)",
+                  ) -> list[tuple[str, Path]]:
     """`(class name, folder)` for each visible subfolder of `root`, sorted by name.
+
+    `items` (what a class folder holds) and `layout` (the folder a user should point at)
+    word the errors for the data option.
 
     Raises:
         DataError: `root` is missing or not a folder, or holds no class folders.
@@ -49,10 +54,7 @@ def class_folders(root: str, key: str) -> list[tuple[str, Path]]:
     path = Path(root).expanduser()
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
-        raise DataError(
-            f"{key}={root!r} {what}: point {key} at a folder with one subfolder per class "
-            "(for example flowers/daisy/*.jpg, flowers/tulip/*.jpg)."
-        )
+        raise DataError(f"{key}={root!r} {what}: point {key} at a folder with {layout}.")
     folders = sorted((p.name, p) for p in path.iterdir() if p.is_dir() and not _hidden(p))
     loose = [p.name for p in path.iterdir() if p.is_file() and not _hidden(p)]
     if loose:
@@ -60,7 +62,7 @@ def class_folders(root: str, key: str) -> list[tuple[str, Path]]:
                     "subfolders are read), e.g. %s", key, root, len(loose), sorted(loose)[0])
     if not folders:
         raise DataError(
-            f"{key}={root!r} has no class subfolders: put each class's images in its own "
+            f"{key}={root!r} has no class subfolders: put each class's {items} in its own "
             "subfolder (the folder name becomes the class name)."
         )
     return folders

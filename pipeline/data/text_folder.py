@@ -204,16 +204,5 @@ def _read_file(path: Path, settings: text.TextSettings) -> tuple[_Text | None, s
 
 
 def _class_folders(root: str, key: str) -> list[tuple[str, Path]]:
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        what = "is not a folder" if path.exists() else "does not exist"
-        raise DataError(
-            f"{key}={root!r} {what}: point {key} at a folder with one subfolder of .txt files "
-            "per class (for example aclImdb/train/neg/*.txt, aclImdb/train/pos/*.txt)."
-        )
-    if not any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
-        raise DataError(
-            f"{key}={root!r} has no class subfolders: put each class's texts in its own "
-            "subfolder (the folder name becomes the class name)."
-        )
-    return scan.class_folders(root, key)
+    return scan.class_folders(root, key, items="texts", layout=(
+        "one subfolder of .txt files per class (for example aclImdb/train/neg/*.txt, aclImdb/train/pos/*.txt)"))
