@@ -181,6 +181,10 @@ def test_a_class_folder_without_usable_text_is_an_error(tmp_path):
         _folder(root)
     with pytest.raises(DataError, match=r"data\.train_dir=.*does not exist.*aclImdb/train/neg"):
         _folder(tmp_path / "nowhere")
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "1.txt").write_text("a review not in a class folder")
+    with pytest.raises(DataError, match=r"data\.train_dir=.*has no class subfolders: put each class's texts in"):
+        _folder(tmp_path / "flat")
 
 
 def test_max_chars_truncates_each_text(imdb, bundle):
