@@ -136,8 +136,9 @@ class Exporter:
             paths: dict[str, Path] = {}
             differences: dict[str, float] = {}
             accuracy_delta: dict[str, float] = {}
-            for name, writer in self._writers(served_estimator(adapted.model) is not None).items():
-                written = writer.write(adapted, data, staging, images, expected, backbone_function)
+            writers = self._writers(served_estimator(adapted.model) is not None, backbone_function)
+            for name, writer in writers.items():
+                written = writer.write(adapted, data, staging, images, expected)
                 verify_seconds += written.verify_seconds
                 differences[name] = written.max_abs_diff
                 if not written.max_abs_diff <= writer.tolerance:  # also catches NaN
@@ -174,11 +175,11 @@ class Exporter:
                 "tokenizer's string ops do not convert); use export.formats=[saved_model] or [saved_model,keras]"
             )
 
-    def _writers(self, estimator: bool = False) -> dict[str, Any]:
+    def _writers(self, estimator: bool = False, backbone_function: Any = None) -> dict[str, Any]:
         """One writer per requested format (`export.formats`, a checked list of names).
 
         `estimator`: the model ends in a scikit-learn estimator (`EstimatorLayer`), which
-        only `saved_model` (as `EstimatorFormat`) serves.
+        only `saved_model` (as `EstimatorFormat`) serves. `backbone_function`: see `export`.
         """
         if estimator:
             others = [name for name in self.formats if name != "saved_model"]
@@ -194,7 +195,7 @@ class Exporter:
         if tflite_tolerance is None:
             tflite_tolerance = TFLITE_TOLERANCE[self.quantization]
         writers = {
-            "saved_model": SavedModelFormat(self.tolerance),
+            "saved_model": SavedModelFormat(self.tolerance, backbone_function),
             "keras": KerasFormat(self.tolerance),
             "tflite": TfliteFormat(self.quantization, self.calibration_examples, tflite_tolerance),
             "onnx": OnnxFormat(self.tolerance),
@@ -219,15 +220,20 @@ class Written:
 
 
 class SavedModelFormat:
-    """`saved_model/` with the signatures of `pipeline.serving`, checked as a TF Serving client would."""
+    """`saved_model/` with the signatures of `pipeline.serving`, checked as a TF Serving client would.
+
+    `backbone_function`: the feature pass's traced backbone, which the signatures call
+    (`Exporter.export`); None traces the model.
+    """
 
     tolerance_key = "export.tolerance"
     reports_accuracy = False
 
-    def __init__(self, tolerance: float):
+    def __init__(self, tolerance: float, backbone_function: Any = None):
         self.tolerance = tolerance
+        self.backbone_function = backbone_function
 
-    def write(self, adapted, data, staging, images, expected, backbone_function=None) -> Written:
+    def write(self, adapted, data, staging, images, expected) -> Written:
         import tensorflow as tf
 
         from pipeline.serving import write_saved_model
@@ -235,7 +241,7 @@ class SavedModelFormat:
         path = write_saved_model(
             adapted.model, adapted.class_names, adapted.task, data.input_shape, data.resize,
             staging / "saved_model", max_pixels=data.max_pixels, input_kind=data.input_kind,
-            call=_composed(adapted, backbone_function), max_chars=data.max_chars,
+            call=_composed(adapted, self.backbone_function), max_chars=data.max_chars,
         )
         start = time.perf_counter()
         signatures = tf.saved_model.load(str(path)).signatures
@@ -265,7 +271,7 @@ class EstimatorFormat:
     def __init__(self, tolerance: float):
         self.tolerance = tolerance
 
-    def write(self, adapted, data, staging, images, expected, backbone_function=None) -> Written:
+    def write(self, adapted, data, staging, images, expected) -> Written:
         import tensorflow as tf
 
         from pipeline.estimator_layer import feature_model, served_estimator
@@ -305,7 +311,7 @@ class KerasFormat:
     def __init__(self, tolerance: float):
         self.tolerance = tolerance
 
-    def write(self, adapted, data, staging, images, expected, backbone_function=None) -> Written:
+    def write(self, adapted, data, staging, images, expected) -> Written:
         import keras
 
         from pipeline.serving import serving_model
@@ -331,7 +337,7 @@ class TfliteFormat:
         self.calibration_examples = calibration_examples
         self.tolerance = tolerance
 
-    def write(self, adapted, data, staging, images, expected, backbone_function=None) -> Written:
+    def write(self, adapted, data, staging, images, expected) -> Written:
         from pipeline import tflite
         from pipeline.serving import write_fixed_size
 
@@ -365,7 +371,7 @@ class OnnxFormat:
     def __init__(self, tolerance: float):
         self.tolerance = tolerance
 
-    def write(self, adapted, data, staging, images, expected, backbone_function=None) -> Written:
+    def write(self, adapted, data, staging, images, expected) -> Written:
         import numpy as np
         import tensorflow as tf
 
