@@ -299,7 +299,7 @@ def _warm_up(tracker: MlflowTracker) -> Path | None:
     database = store.database_file(tracker.uri)
     if database is not None and database.is_file() and database.stat().st_size > 0:
         try:
-            tracker._client()
+            tracker.open_store()
         except Exception:  # the first call meets the same error, and reports it
             pass
         return None

@@ -227,6 +227,11 @@ class MlflowTracker(Opens):
                 "artifact_location": self.artifact_location, "register_as": self.register_as,
                 "timeout": self.timeout}
 
+    def open_store(self) -> None:
+        """Opens the store now (a SQLite file's tables checked or made, a server asked for its
+        health), ahead of the first call: MLflow keeps it open for the calls after."""
+        self._client()
+
     def _client(self):
         return store.client(self.uri, self.timeout)
 
