@@ -198,7 +198,7 @@ import os, signal, sys
 from pipeline.tracking import MlflowTracker
 from pipeline.tracking.process import TrackerProcess
 process = TrackerProcess(MlflowTracker(uri=sys.argv[1], experiment="orphan"))
-opened = process.run(params={}, tags={})  # kept: a dropped one would end the run
+opened = process.run(params={}, tags={})  # held, as a run holds it, until the kill
 run = opened.__enter__()
 print(process._process.pid, run.run_id, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)

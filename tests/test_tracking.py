@@ -85,6 +85,16 @@ def test_an_interrupt_marks_the_run_killed(store):
     assert _client(store).get_run(run.run_id).info.status == "KILLED"
 
 
+def test_a_run_context_let_go_without_being_left_stays_running(store):
+    import gc
+
+    opened = _tracker(store, "dropped").run(params={}, tags={})
+    run = opened.__enter__()
+    del opened  # no outcome: as when the process dies, resume=auto takes the run
+    gc.collect()
+    assert _client(store).get_run(run.run_id).info.status == "RUNNING"
+
+
 def test_log_epoch_uses_the_epoch_as_step_and_artifacts_upload(store, tmp_path):
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "labels.txt").write_text("a\nb\n")

@@ -164,6 +164,11 @@ class Opens(ABC):
         run = self.open(params, tags, resume_run_id, parent_run_id)
         try:
             yield run
+        except GeneratorExit:
+            # The context was let go without being left (a caller dropped it, or the process
+            # is ending): no outcome to record, so the run stays RUNNING, as when its process
+            # dies, and `resume=auto` takes it.
+            raise
         except BaseException as error:
             run.end(Ending.of(error))
             raise
