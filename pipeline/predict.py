@@ -329,7 +329,7 @@ def _csv_texts(csv_file: str, column: str, encoding: str = "utf-8") -> list[tupl
 
 def _served_kind(saved_model: Path) -> str:
     """What the SavedModel's `serving_default` takes, `text` or `image` (read, not loaded)."""
-    from pipeline.tracking.model import served_input_kind
+    from pipeline.serving import served_input_kind
 
     return served_input_kind(saved_model) or "image"
 

@@ -153,6 +153,8 @@ def _is_text_export(root: Path, saved_model: Path) -> bool:
     Raises:
         ExportError: when the two disagree (a half-replaced or hand-edited export).
     """
+    from pipeline.serving import served_input_kind
+
     text = (root / TEXT_EXAMPLE).is_file()
     served = served_input_kind(saved_model)
     if served is not None and (served == "text") != text:
@@ -176,28 +178,6 @@ def _example_texts(path: Path) -> list[str]:
             '["a first review", "a second"]; export the run again.'
         )
     return texts
-
-
-def served_input_kind(saved_model: Path) -> str | None:
-    """What the SavedModel's `serving_default` takes: `text` (a batch of strings) or `image`.
-
-    Read from `saved_model.pb` without restoring the model (milliseconds, where a load
-    takes seconds). None when there is no such signature of one input, or no readable file.
-    """
-    from google.protobuf.message import DecodeError
-    from tensorflow.core.framework import types_pb2
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    proto = saved_model_pb2.SavedModel()
-    try:
-        proto.ParseFromString((Path(saved_model) / "saved_model.pb").read_bytes())
-    except (OSError, DecodeError):
-        return None
-    for graph in proto.meta_graphs:
-        if "serving_default" in graph.signature_def and len(graph.signature_def["serving_default"].inputs) == 1:
-            (tensor,) = graph.signature_def["serving_default"].inputs.values()
-            return "text" if tensor.dtype == types_pb2.DT_STRING else "image"
-    return None
 
 
 def _earlier_model(client: Any, experiment_id: str, run_id: str, weights: str) -> str | None:
