@@ -108,4 +108,3 @@ class ServingTexts(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "max_chars": self.max_chars}
-

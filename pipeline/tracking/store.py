@@ -159,7 +159,8 @@ def adopt(partial: Path, uri: str) -> None:
     there meanwhile (another run's: that one is kept), and removes the prepared file.
 
     A hard link never replaces a file, so two runs adopting at once cannot lose one's runs.
-    Its connections there are idle and never written through again.
+    The connections MLflow keeps open to the prepared file are idle, and never written
+    through again.
     """
     database = database_file(absolute_uri(uri))
     try:
