@@ -73,10 +73,10 @@ def run(
     tracker = config.build(cfg, "tracking")
     chief = is_chief(cfg.train.get("strategy", "default"), cfg.train.get("cluster", "tf_config"))
     with in_own_process(tracker) if chief else nullcontext(tracker) as tracking:
-        return _run(cfg, resolved, tracking, clock, rerun_of, on_run_dir)
+        return _run(cfg, resolved, tracking, chief, clock, rerun_of, on_run_dir)
 
 
-def _run(cfg: DictConfig, resolved: dict[str, Any], tracking: Any, clock: StageClock,
+def _run(cfg: DictConfig, resolved: dict[str, Any], tracking: Any, chief: bool, clock: StageClock,
          rerun_of: tuple[str, Mapping[str, str]] | None, on_run_dir: Callable[[Path, bool], None] | None,
          ) -> dict[str, float]:
     with clock("imports"):  # TensorFlow and Keras, which building the stages needs: seconds of their own
@@ -99,7 +99,6 @@ def _run(cfg: DictConfig, resolved: dict[str, Any], tracking: Any, clock: StageC
                             multi_worker=stages.train.strategy == "multi_worker")
     output_dir = resumed.run_dir if resumed else Path(cfg.output_dir)
 
-    chief = is_chief(stages.train.strategy, stages.train.cluster)
     with (
         _machine_faults(_places(resolved, output_dir), again=_again(cfg, output_dir)),
         _sigterm_as_interrupt() as stop_if_signalled,
